@@ -1,0 +1,58 @@
+"""Counter-based random stream shared by all implementations of ``sample_logprobs``.
+
+The noise for (seed, row, col) is a pure function of those three integers, so the PyTorch
+reference, the C++ kernel and the Triton kernel draw identical Gumbel variates and sample
+identical tokens (up to one-ulp differences of ``log`` at exact near-ties).
+
+    mix(x)  = lowbias32 (x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16)
+    k1      = mix(seed ^ mix(row))
+    k2      = mix(k1 + 0x9e3779b9)
+    bits    = mix(mix(col ^ k1) ^ k2)
+    u       = ((bits >> 8) + 0.5) / 2**24             in (0, 1), exact in float32
+    gumbel  = -log(-log(u))
+All arithmetic is modulo 2**32. Here it is emulated in int64 with 16-bit split products.
+"""
+from __future__ import annotations
+
+import torch
+
+M32 = 0xFFFFFFFF
+C1 = 0x7FEB352D
+C2 = 0x846CA68B
+GOLDEN = 0x9E3779B9
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x & M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, C2)
+    x = x ^ (x >> 16)
+    return x
+
+
+def row_keys(seed: torch.Tensor, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(B, device=device, dtype=torch.int64)
+    s = seed.to(device=device, dtype=torch.int64).reshape(-1)[:1] & M32
+    k1 = mix32(s ^ mix32(rows))
+    k2 = mix32((k1 + GOLDEN) & M32)
+    return k1, k2
+
+
+def uniform_bits(seed: torch.Tensor, B: int, V: int, device) -> torch.Tensor:
+    k1, k2 = row_keys(seed, B, device)
+    cols = torch.arange(V, device=device, dtype=torch.int64)
+    return mix32(mix32(cols[None, :] ^ k1[:, None]) ^ k2[:, None])
+
+
+def gumbel_noise(seed: torch.Tensor, B: int, V: int, device) -> torch.Tensor:
+    """[B, V] float32 Gumbel(0, 1) noise for the given seed tensor."""
+    bits = uniform_bits(seed, B, V, device)
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return -torch.log(-torch.log(u))
