@@ -1,0 +1,323 @@
+"""Hybrid generation: the base model writes, the thinking model reads along, an SAE on the
+thinking model's activations picks a reasoning category and that category's vector steers the
+base model (DESIGN.md sections 1.3 and 1.4).
+
+Layer convention: ``sae_layer = L`` reads the residual stream output by block ``L``
+(``hidden_states[L + 1]``); ``steer_layer = L`` adds to the residual stream entering block ``L``
+(``hidden_states[L]``). Steering applies from the last prompt position on.
+
+Modes
+-----
+``paper`` (default): every step routes from the thinking model's ``sae_layer`` residual (argmax,
+no threshold); if the thinking model's greedy token equals the unsteered base token it is
+emitted, otherwise each coefficient ``c`` gives a candidate (base argmax with
+``c * (bias + V[cat])`` added at ``steer_layer`` at the last position) and the candidate with
+the highest thinking log-probability is emitted (ties: first coefficient). The cache keeps the
+unsteered computation. Candidates are extra query rows from ``steer_layer`` up, sharing the
+lower layers and the cached past. ``windows`` other than ``(1,)`` use the exact recompute path
+(:func:`hybridfast.baselines.paper_mode_recompute`, O(T^2)).
+
+``routed``: ``route_steer`` with a threshold and per-category coefficients inside the base
+model's residual pass; the steered computation is cached; the thinking model runs only up to
+``sae_layer`` (no upper layers, no LM head).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from . import ops
+from .artifacts import as_sae, as_vectors
+from .engine import Decoder, Engine, _eos_ids, pad_prompts
+
+__all__ = ["HybridModel", "HybridResult", "HybridOutput"]
+
+PAPER_COEFFICIENTS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
+@dataclass
+class HybridResult:
+    """One problem's output."""
+    ids: list                      #: generated token ids (EOS included when reached)
+    text: Optional[str]            #: decoded text when a tokenizer was given
+    category: list                 #: per token: routed category (-1: below threshold)
+    steered: list                  #: per token: whether steering changed the computation used
+    coef: list                     #: per token: coefficient used (0.0 when not steered)
+
+    @property
+    def steered_fraction(self) -> float:
+        return sum(self.steered) / max(1, len(self.steered))
+
+
+@dataclass
+class HybridOutput:
+    results: list
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+    def __getitem__(self, i):
+        return self.results[i]
+
+    def __len__(self):
+        return len(self.results)
+
+    @property
+    def steered_fraction(self) -> float:
+        """Per-problem mean of steered/total tokens (the papers' definition)."""
+        return sum(r.steered_fraction for r in self.results) / max(1, len(self.results))
+
+    @property
+    def steered_fraction_tokens(self) -> float:
+        """Token-weighted steered fraction."""
+        n = sum(len(r.steered) for r in self.results)
+        return sum(sum(r.steered) for r in self.results) / max(1, n)
+
+
+def _check_tokenizers(tb, tt):
+    if tb is None or tt is None:
+        return
+    vb, vt = tb.get_vocab(), tt.get_vocab()
+    if vb != vt:
+        only_b = sorted(set(vb) - set(vt))[:5]
+        only_t = sorted(set(vt) - set(vb))[:5]
+        diff = [k for k in vb if k in vt and vb[k] != vt[k]][:5]
+        raise ValueError("base and thinking tokenizers differ (the models must share a vocabulary):"
+                         f" only in base {only_b}, only in thinking {only_t}, different ids {diff}")
+
+
+class HybridModel:
+    """Base model steered by a thinking model's SAE categories. See the module docstring."""
+
+    def __init__(self, base, thinking, sae, vectors, *, sae_layer: int, steer_layer: int,
+                 mode: str = "paper", coefficients=None, threshold: Optional[float] = None,
+                 windows: Sequence[int] = (1,), base_tokenizer=None, thinking_tokenizer=None,
+                 sync_every: int = 16):
+        if mode not in ("paper", "routed"):
+            raise ValueError(f"mode must be 'paper' or 'routed', got {mode!r}")
+        self.base, self.thinking = Engine(base, sync_every=sync_every), Engine(thinking, sync_every=sync_every)
+        mb, mt = self.base.m, self.thinking.m
+        self.sae = as_sae(sae)
+        self.vectors = as_vectors(vectors)
+        self.mode = mode
+        self.sae_layer, self.steer_layer = int(sae_layer), int(steer_layer)
+        if not 0 <= self.sae_layer < mt.n_layers:
+            raise ValueError(f"sae_layer={sae_layer} out of range: the thinking model has "
+                             f"{mt.n_layers} blocks (valid 0..{mt.n_layers - 1})")
+        if not 0 <= self.steer_layer < mb.n_layers:
+            raise ValueError(f"steer_layer={steer_layer} out of range: the base model has "
+                             f"{mb.n_layers} blocks (valid 0..{mb.n_layers - 1})")
+        if self.sae.d_in != mt.hidden_size:
+            raise ValueError(f"SAE input size {self.sae.d_in} does not match the thinking model's "
+                             f"hidden size {mt.hidden_size}")
+        K, d = self.vectors.V.shape
+        if d != mb.hidden_size:
+            raise ValueError(f"steering vectors have width {d} but the base model's hidden size "
+                             f"is {mb.hidden_size}")
+        if K != self.sae.n_latents:
+            raise ValueError(f"{K} steering vectors for an SAE with {self.sae.n_latents} latents "
+                             f"(one vector per category is needed)")
+        if mb.vocab_size != mt.vocab_size and base_tokenizer is None:
+            raise ValueError(f"base vocabulary ({mb.vocab_size}) and thinking vocabulary "
+                             f"({mt.vocab_size}) differ; the models must share a tokenizer")
+        _check_tokenizers(base_tokenizer, thinking_tokenizer)
+        self.tok_b, self.tok_t = base_tokenizer, thinking_tokenizer
+        self.windows = tuple(int(w) for w in windows)
+        if not self.windows or any(w < 0 for w in self.windows):
+            raise ValueError(f"windows must be non-negative widths (0 = all positions), got {windows}")
+        dev = mb.device
+        self._router = self.sae.to(device=dev, dtype=torch.float32)
+        self._V = self.vectors.V.to(device=dev, dtype=mb.dtype)
+        self._bias = None if self.vectors.bias is None else self.vectors.bias.to(device=dev, dtype=mb.dtype)
+        if mode == "paper":
+            coefficients = PAPER_COEFFICIENTS if coefficients is None else coefficients
+            self.coefs = torch.as_tensor(list(coefficients), dtype=torch.float32, device=dev).reshape(-1)
+            if self.coefs.numel() < 1:
+                raise ValueError("paper mode needs at least one coefficient")
+            self.threshold = -math.inf if threshold is None else float(threshold)
+        else:
+            coefficients = 1.0 if coefficients is None else coefficients
+            c = torch.as_tensor(coefficients, dtype=torch.float32, device=dev).reshape(-1)
+            if c.numel() == 1:
+                c = c.expand(K).clone()
+            if c.numel() != K:
+                raise ValueError(f"routed mode needs one coefficient or one per category (K={K}), "
+                                 f"got {c.numel()}")
+            self.coefs = c
+            self.threshold = 0.0 if threshold is None else float(threshold)
+
+    # ------------------------------------------------------------------ helpers
+    def _route(self, h, x, coefs_expand: bool):
+        r = self._router
+        return ops.route_steer(
+            h, x.to(torch.float32), r.W_enc, r.b_enc, r.b_dec, self._V,
+            None if coefs_expand else self.coefs, bias=self._bias, x_mean=r.x_mean,
+            normalize=r.normalize, threshold=self.threshold,
+            coefs=self.coefs if coefs_expand else None, check_nan=False)
+
+    def _encode(self, prompts, tok):
+        if len(prompts) and isinstance(prompts[0], str):
+            if tok is None:
+                raise ValueError("string prompts need base_tokenizer/thinking_tokenizer")
+            return [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return [list(map(int, p)) for p in prompts]
+
+    # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def generate(self, base_prompts, thinking_prompts, max_new_tokens: int = 256, *,
+                 eos_token_id=None, temperature: float = 0.0, top_k=None,
+                 generator: Optional[torch.Generator] = None) -> HybridOutput:
+        """Generate for a batch of problems; prompts are strings (with tokenizers) or id lists."""
+        t0 = time.perf_counter()
+        pb = self._encode(base_prompts, self.tok_b)
+        pt = self._encode(thinking_prompts, self.tok_t)
+        if len(pb) != len(pt):
+            raise ValueError(f"{len(pb)} base prompts but {len(pt)} thinking prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if self.mode == "paper" and self.windows != (1,):
+            from .baselines import paper_mode_recompute
+            return paper_mode_recompute(self, pb, pt, max_new_tokens, eos_token_id=eos_token_id)
+        if self.mode == "paper" and temperature != 0:
+            raise ValueError("paper mode is greedy (temperature=0), as in the paper's code")
+        eos = _eos_ids(self.base.hf, eos_token_id)
+        pad = eos[0] if eos else 0
+        ids_b, len_b = pad_prompts(pb, pad, self.base.m.device)
+        ids_t, len_t = pad_prompts(pt, pad, self.thinking.m.device)
+        step = self._paper if self.mode == "paper" else self._routed
+        toks, cats, steered, coefs, n_gen = step(ids_b, len_b, ids_t, len_t, max_new_tokens, eos,
+                                                 pad, temperature, top_k, generator)
+        cat = torch.stack(cats, 1).cpu()
+        if (cat == -2).any():
+            b, t = (cat == -2).nonzero()[0].tolist()
+            raise ValueError(f"NaN in the thinking model's layer-{self.sae_layer} activations "
+                             f"(problem {b}, token {t})")
+        toks = torch.stack(toks, 1).cpu()
+        st = torch.stack(steered, 1).cpu()
+        cf = torch.stack(coefs, 1).cpu()
+        results = []
+        for b in range(toks.shape[0]):
+            n = int(n_gen[b])
+            ids = toks[b, :n].tolist()
+            text = self.tok_b.decode(ids, skip_special_tokens=True) if self.tok_b is not None else None
+            results.append(HybridResult(ids, text, cat[b, :n].tolist(), st[b, :n].tolist(),
+                                        [float(x) for x in cf[b, :n]]))
+        return HybridOutput(results, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ paper mode
+    def _paper(self, ids_b, len_b, ids_t, len_t, T, eos, pad, temperature, top_k, generator):
+        mb, mt = self.base.m, self.thinking.m
+        B = ids_b.shape[0]
+        C = self.coefs.numel()
+        L, Ls = self.steer_layer, self.sae_layer
+        cb = mb.new_cache(B, int(len_b.max()) + T, scratch=C)
+        ct = mt.new_cache(B, int(len_t.max()) + T)
+        dev = mb.device
+        bidx = torch.arange(B, device=dev)
+        # prefill: base unsteered (keep h entering block L at the last position), thinking full
+        hcap = {}
+        logits_b = self._prefill_capture(self.base, ids_b, len_b, cb, L, hcap)
+        logits_t, x = self.thinking.prefill(ids_t, len_t, ct, capture_layer=Ls)
+        # candidates for the last prompt position: layers >= L, as C query rows
+        span = cb.scratch + ids_b.shape[1]
+        cand, cat = self._route(hcap["h"], x, True)
+        pos, slots, mask = mb.candidate_plan(cb, len_b - 1, C, span)
+        hc = mb.run(cand, pos, slots, mask, cb, span, L, mb.n_layers)
+        logits_c = mb.logits(hc)                                         # [B, C, V]
+        dec = Decoder(self.base, cb, eos, pad, 0.0, None, None)
+        out_t, out_c, out_s, out_k = [], [], [], []
+        max_b, max_t = ids_b.shape[1], ids_t.shape[1]
+        for t in range(T):
+            tok, steer, coef = self._choose(logits_b, logits_c, logits_t)
+            tok, _, _ = dec.emit(tok, torch.zeros(B, device=dev), torch.zeros(B, device=dev))
+            out_t.append(tok), out_c.append(cat), out_s.append(steer), out_k.append(coef)
+            if t == T - 1 or ((t + 1) % self.base.sync_every == 0 and bool(dec.done.all())):
+                break
+            # thinking: full step (logits + routing activations)
+            span_t = ct.scratch + max_t + t + 1
+            pos, slots, mask = mt.decode_plan(ct, 0, span_t)
+            h = mt.embed(tok[:, None])
+            h = mt.run(h, pos, slots, mask, ct, span_t, 0, Ls + 1)
+            x = h[:, 0]
+            h = mt.run(h, pos, slots, mask, ct, span_t, Ls + 1, mt.n_layers)
+            ct.lengths += 1
+            logits_t = mt.logits(h[:, 0])
+            # base: shared lower layers, then 1 + C rows from block L up
+            span_b = cb.scratch + max_b + t + 1
+            pos, slots, mask = mb.decode_plan(cb, 0, span_b)
+            h = mb.run(mb.embed(tok[:, None]), pos, slots, mask, cb, span_b, 0, L)
+            cand, cat = self._route(h[:, 0], x, True)
+            rows = torch.cat([h, cand], 1)
+            pos, slots, mask = mb.decode_plan(cb, C, span_b)
+            rows = mb.run(rows, pos, slots, mask, cb, span_b, L, mb.n_layers)
+            cb.lengths += 1
+            lg = mb.logits(rows)
+            logits_b, logits_c = lg[:, 0], lg[:, 1:]
+            dec.forwards += B
+        steered = [s & (c >= 0) for s, c in zip(out_s, out_c)]
+        return out_t, out_c, steered, out_k, dec.n_gen.cpu()
+
+    def _prefill_capture(self, eng, ids, lengths, cache, L, hcap):
+        """Base prefill (unsteered) that also returns the residual entering block L at the last
+        prompt position (for the first step's candidates)."""
+        def grab(hl):
+            hcap["h"] = hl[:, 0].clone()
+            return hl
+        logits, _ = eng.prefill(ids, lengths, cache, steer_layer=L, steer=grab)
+        return logits
+
+    def _choose(self, logits_b, logits_c, logits_t):
+        think_tok = logits_t.argmax(-1)
+        base_tok = logits_b.argmax(-1)
+        cand_tok = logits_c.argmax(-1)                                  # [B, C]
+        lpt = torch.log_softmax(logits_t, -1)
+        score = lpt.gather(1, cand_tok)                                 # [B, C]
+        best = score.argmax(-1)                                         # first on ties
+        chosen = cand_tok.gather(1, best[:, None])[:, 0]
+        steer = think_tok != base_tok
+        tok = torch.where(steer, chosen, base_tok)
+        coef = torch.where(steer, self.coefs[best], torch.zeros_like(self.coefs[best]))
+        return tok, steer, coef
+
+    # ------------------------------------------------------------------ routed mode
+    def _routed(self, ids_b, len_b, ids_t, len_t, T, eos, pad, temperature, top_k, generator):
+        mb, mt = self.base.m, self.thinking.m
+        B = ids_b.shape[0]
+        L, Ls = self.steer_layer, self.sae_layer
+        cb = mb.new_cache(B, int(len_b.max()) + T)
+        ct = mt.new_cache(B, int(len_t.max()) + T, layers=Ls + 1)
+        _, x = self.thinking.prefill(ids_t, len_t, ct, stop_layer=Ls + 1, capture_layer=Ls)
+        rec = {}
+
+        def steer(hl):
+            out, cat = self._route(hl[:, 0], x, False)
+            rec["cat"] = cat
+            return out[:, None]
+        logits, _ = self.base.prefill(ids_b, len_b, cb, steer_layer=L, steer=steer)
+        dec = Decoder(self.base, cb, eos, pad, temperature, top_k, generator)
+        out_t, out_c = [], []
+        max_b, max_t = ids_b.shape[1], ids_t.shape[1]
+        for t in range(T):
+            tok, lp, lq = dec.emit(*dec.sample(logits))
+            out_t.append(tok), out_c.append(rec["cat"])
+            if t == T - 1 or ((t + 1) % self.base.sync_every == 0 and bool(dec.done.all())):
+                break
+            span_t = max_t + t + 1
+            pos, slots, mask = mt.decode_plan(ct, 0, span_t)
+            x = mt.run(mt.embed(tok[:, None]), pos, slots, mask, ct, span_t, 0, Ls + 1)[:, 0]
+            ct.lengths += 1
+            span_b = max_b + t + 1
+            pos, slots, mask = mb.decode_plan(cb, 0, span_b)
+            h = mb.run(mb.embed(tok[:, None]), pos, slots, mask, cb, span_b, 0, L)
+            h, rec["cat"] = self._route(h[:, 0], x, False)
+            h = mb.run(h[:, None], pos, slots, mask, cb, span_b, L, mb.n_layers)
+            cb.lengths += 1
+            logits = mb.logits(h[:, 0])
+            dec.forwards += B
+        steered = [c >= 0 for c in out_c]
+        coefs = [torch.where(c >= 0, self.coefs[c.clamp_min(0)], torch.zeros_like(self.coefs[c.clamp_min(0)]))
+                 for c in out_c]
+        return out_t, out_c, steered, coefs, dec.n_gen.cpu()
