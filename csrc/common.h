@@ -104,9 +104,12 @@ inline uint32_t mix32(uint32_t x) {
   return x;
 }
 
+// Upper bound of the noise: u <= 1 - 2^-24 gives -log(-log(u)) <= 16.7 (17.5 with margin).
+constexpr float GUMBEL_MAX = 17.5f;
+
 inline float gumbel(uint32_t k1, uint32_t k2, uint32_t col) {
   uint32_t bits = mix32(mix32(col ^ k1) ^ k2);
-  float u = (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  float u = (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
   return -std::log(-std::log(u));
 }
 

@@ -31,7 +31,7 @@ int64_t sample_logprobs_cpu(const SampleArgs& a) {
       const float l = load(a.logits, a.dt, off + i);
       if (std::isnan(l)) { has_nan = true; break; }
       if (l > m1) { s1 = s1 * std::exp(double(m1) - l) + 1.0; m1 = l; }
-      else if (l != NEG_INF) { s1 += std::exp(l - m1); }
+      else if (l != NEG_INF) { s1 += std::exp(l - m1); }  // float exp, double accumulation
       if (greedy) {
         if (l > best || (best_i == 0 && i == 0)) { best = l; best_logit = l; best_i = i; }
         continue;
@@ -40,6 +40,9 @@ int64_t sample_logprobs_cpu(const SampleArgs& a) {
       const float sl = l * inv_t;
       if (sl > mt) { st = st * std::exp(double(mt) - sl) + 1.0; mt = sl; }
       else { st += std::exp(sl - mt); }
+      // Exact pruning: the noise is bounded by GUMBEL_MAX, so a token whose scaled logit is
+      // below best - GUMBEL_MAX can never win; skip drawing its noise.
+      if (sl + GUMBEL_MAX < best) continue;
       const float score = sl + gumbel(k1, k2, static_cast<uint32_t>(i));
       if (score > best) { best = score; best_logit = l; best_i = i; }
     }

@@ -169,8 +169,11 @@ class HybridModel:
     @torch.inference_mode()
     def generate(self, base_prompts, thinking_prompts, max_new_tokens: int = 256, *,
                  eos_token_id=None, temperature: float = 0.0, top_k=None,
-                 generator: Optional[torch.Generator] = None) -> HybridOutput:
-        """Generate for a batch of problems; prompts are strings (with tokenizers) or id lists."""
+                 generator: Optional[torch.Generator] = None, steer: bool = True) -> HybridOutput:
+        """Generate for a batch of problems; prompts are strings (with tokenizers) or id lists.
+
+        ``steer=False`` (routed mode) runs the same lockstep computation without the steering op:
+        the unsteered baseline that benchmarks compare against."""
         t0 = time.perf_counter()
         pb = self._encode(base_prompts, self.tok_b)
         pt = self._encode(thinking_prompts, self.tok_t)
@@ -187,9 +190,12 @@ class HybridModel:
         pad = eos[0] if eos else 0
         ids_b, len_b = pad_prompts(pb, pad, self.base.m.device)
         ids_t, len_t = pad_prompts(pt, pad, self.thinking.m.device)
-        step = self._paper if self.mode == "paper" else self._routed
-        toks, cats, steered, coefs, n_gen = step(ids_b, len_b, ids_t, len_t, max_new_tokens, eos,
-                                                 pad, temperature, top_k, generator)
+        if self.mode == "paper":
+            res = self._paper(ids_b, len_b, ids_t, len_t, max_new_tokens, eos, pad)
+        else:
+            res = self._routed(ids_b, len_b, ids_t, len_t, max_new_tokens, eos, pad, temperature,
+                               top_k, generator, steer)
+        toks, cats, steered, coefs, n_gen = res
         cat = torch.stack(cats, 1).cpu()
         if (cat == -2).any():
             b, t = (cat == -2).nonzero()[0].tolist()
@@ -208,7 +214,7 @@ class HybridModel:
         return HybridOutput(results, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ paper mode
-    def _paper(self, ids_b, len_b, ids_t, len_t, T, eos, pad, temperature, top_k, generator):
+    def _paper(self, ids_b, len_b, ids_t, len_t, T, eos, pad):
         mb, mt = self.base.m, self.thinking.m
         B = ids_b.shape[0]
         C = self.coefs.numel()
@@ -283,7 +289,8 @@ class HybridModel:
         return tok, steer, coef
 
     # ------------------------------------------------------------------ routed mode
-    def _routed(self, ids_b, len_b, ids_t, len_t, T, eos, pad, temperature, top_k, generator):
+    def _routed(self, ids_b, len_b, ids_t, len_t, T, eos, pad, temperature, top_k, generator,
+                do_steer=True):
         mb, mt = self.base.m, self.thinking.m
         B = ids_b.shape[0]
         L, Ls = self.steer_layer, self.sae_layer
@@ -292,8 +299,13 @@ class HybridModel:
         _, x = self.thinking.prefill(ids_t, len_t, ct, stop_layer=Ls + 1, capture_layer=Ls)
         rec = {}
 
+        def route(h, x):
+            if do_steer:
+                return self._route(h, x, False)
+            return h, torch.full((h.shape[0],), -1, dtype=torch.int64, device=h.device)
+
         def steer(hl):
-            out, cat = self._route(hl[:, 0], x, False)
+            out, cat = route(hl[:, 0], x)
             rec["cat"] = cat
             return out[:, None]
         logits, _ = self.base.prefill(ids_b, len_b, cb, steer_layer=L, steer=steer)
@@ -312,7 +324,7 @@ class HybridModel:
             span_b = max_b + t + 1
             pos, slots, mask = mb.decode_plan(cb, 0, span_b)
             h = mb.run(mb.embed(tok[:, None]), pos, slots, mask, cb, span_b, 0, L)
-            h, rec["cat"] = self._route(h[:, 0], x, False)
+            h, rec["cat"] = route(h[:, 0], x)
             h = mb.run(h[:, None], pos, slots, mask, cb, span_b, L, mb.n_layers)
             cb.lengths += 1
             logits = mb.logits(h[:, 0])

@@ -65,7 +65,7 @@ def _sample_kernel(logits_ptr, seed_ptr, thr_ptr, tok_ptr, logp_ptr, logq_ptr,
             st = tl.where(safe_t, st * tl.exp(mt - tl.where(safe_t, nmt, 0.0)) + tl.exp(sl - tl.where(safe_t, nmt, 0.0)), 0.0)
             mt = nmt
             bits = _mix32(_mix32(idx.to(tl.uint32) ^ k1) ^ k2)
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             g = -tl.log(-tl.log(u))
             score = sl + g
         upd = (score > best) & msk

@@ -164,3 +164,11 @@ def test_chi_square_detects_a_wrong_sampler():
     counts = torch.bincount(tok, minlength=V).double()
     p = torch.softmax(base.double(), -1)
     assert chisquare(counts.numpy(), (p * n).numpy()).pvalue < 1e-4
+
+
+def test_noise_is_finite_and_bounded_at_the_extremes():
+    from hybridfast.ops.rng import GUMBEL_MAX, noise_from_bits
+    bits = torch.tensor([0, 511, 2**32 - 1, 2**32 - 512, 2**31], dtype=torch.int64)
+    g = noise_from_bits(bits)
+    assert torch.isfinite(g).all() and (g < GUMBEL_MAX).all()
+    assert g[2] > 16.5 and g[0] < -2.5

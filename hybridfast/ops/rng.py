@@ -8,7 +8,7 @@ identical tokens (up to one-ulp differences of ``log`` at exact near-ties).
     k1      = mix(seed ^ mix(row))
     k2      = mix(k1 + 0x9e3779b9)
     bits    = mix(mix(col ^ k1) ^ k2)
-    u       = ((bits >> 8) + 0.5) / 2**24             in (0, 1), exact in float32
+    u       = ((bits >> 9) + 0.5) / 2**23             in (0, 1): exact in float32, max 1 - 2**-24
     gumbel  = -log(-log(u))
 All arithmetic is modulo 2**32. Here it is emulated in int64 with 16-bit split products.
 """
@@ -53,6 +53,13 @@ def uniform_bits(seed: torch.Tensor, B: int, V: int, device) -> torch.Tensor:
 
 def gumbel_noise(seed: torch.Tensor, B: int, V: int, device) -> torch.Tensor:
     """[B, V] float32 Gumbel(0, 1) noise for the given seed tensor."""
-    bits = uniform_bits(seed, B, V, device)
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return noise_from_bits(uniform_bits(seed, B, V, device))
+
+
+GUMBEL_MAX = 17.5  #: strict upper bound of the noise (C++ prunes tokens that cannot win with it)
+
+
+def noise_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Map 32 random bits to Gumbel noise; finite for every input (max 16.64 at bits >> 9 = 2^23-1)."""
+    u = ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
     return -torch.log(-torch.log(u))

@@ -1,0 +1,91 @@
+"""Shared benchmark plumbing: environment record, timing, table and JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def env_info() -> dict:
+    import transformers
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # noqa: BLE001
+        tv = None
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                         cwd=Path(__file__).parent, text=True).strip()
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                             cwd=Path(__file__).parent, text=True).strip())
+    except Exception:  # noqa: BLE001
+        commit, dirty = None, None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {cpu}"
+    return dict(device=dev, cuda=torch.cuda.is_available(), torch=torch.__version__,
+                triton=tv, transformers=transformers.__version__, python=sys.version.split()[0],
+                threads=torch.get_num_threads(), commit=commit, dirty=dirty,
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_us(fn, *, warmup: int = 3, min_time: float = 0.2, max_iters: int = 2000) -> float:
+    """Median microseconds per call over repeated batches."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples, total, n = [], 0.0, 0
+    while total < min_time and n < max_iters:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - t0
+        samples.append(dt)
+        total += dt
+        n += 1
+    return statistics.median(samples) * 1e6
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    w = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    out = [" | ".join(c.ljust(w[c]) for c in cols), "-+-".join("-" * w[c] for c in cols)]
+    out += [" | ".join(_fmt(r.get(c)).ljust(w[c]) for c in cols) for r in rows]
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def write(name: str, payload: dict, out: str | None = None) -> Path:
+    """Write ``bench/results/<name>-<device>.json`` atomically and print the final JSON line."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if torch.cuda.is_available() else "cpu"
+    path = Path(out) if out else RESULTS / f"{name}-{tag}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+    print(json.dumps({"result": str(path), **{k: v for k, v in payload.items() if k != "rows"}}))
+    return path
