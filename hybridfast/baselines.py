@@ -97,7 +97,7 @@ def routed_generate_hooks(base, thinking, sae, vectors, *, sae_layer, steer_laye
             with _capture(thinking, sae_layer, st), steering_hook(base, steer_layer, steer):
                 ids = base.generate(torch.tensor([pb], device=dev), max_new_tokens=max_new_tokens,
                                     do_sample=False, eos_token_id=eos or None,
-                                    pad_token_id=eos[0] if eos else 0)
+                                    pad_token_id=eos[0] if eos and eos[0] >= 0 else 0)
         finally:
             h1.remove()
         gen = ids[0, len(pb):].tolist()

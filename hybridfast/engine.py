@@ -116,7 +116,7 @@ class Engine:
         m = self.m
         prompts = [list(map(int, p)) for p in prompts]
         eos = _eos_ids(self.hf, eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos and eos[0] >= 0 else 0)
         ids, lengths = pad_prompts(prompts, pad, m.device)
         B = ids.shape[0]
         cap = int(lengths.max()) + max_new_tokens

@@ -1,0 +1,374 @@
+"""Power sampling: sample from p^alpha of a causal LM (DESIGN.md section 2).
+
+``method="mh"`` — block-wise Metropolis-Hastings, exact: for each block, every chain is extended
+by up to ``block_size`` tokens from the proposal (temperature ``1/alpha``, optional top-k); then
+``n_mcmc`` times an index ``m`` is drawn uniformly over the chain's generated positions, the
+suffix from ``m`` is resampled with the proposal until EOS or the block's end, and accepted with
+
+    log A = alpha * (sum lp' - sum lp) + (sum lq - sum lq') + log(L_cur / L_prop)
+
+over the whole suffixes of both states (``lp``: log p at temperature 1, ``lq``: log-prob under
+the proposal actually used, both from the generating step's logits). The last term is the
+Hastings correction for drawing ``m`` among a different number of positions.
+
+``official=True`` reproduces the official code instead (biased; for comparison only): top-k 50
+unless ``top_k`` is given, the current suffix truncated to the proposal's length, no Hastings
+length term.
+
+Engine: the prompt is prefilled once per chain. A proposal copies the chain's cache rows into a
+proposal cache (memory copy, no forward), re-feeds the token before ``m`` and decodes only the
+suffix; on accept the proposal's rows are copied back, on reject nothing is recomputed.
+``reuse=False`` re-encodes prompt + prefix for every proposal (what the official code spends) and
+gives the same chains for the same seed. Chains of all prompts (``n_chains`` per prompt) advance
+in one batch; rows that are done idle (they re-feed their last token, rewriting identical KV).
+
+``method="smc"`` — Power-SMC: ``n_particles`` per prompt decoded in one batch with the same
+proposal, incremental log-weights ``alpha * lp - lq``, multinomial resampling (KV rows copied by
+index) when the effective sample size falls below ``ess_threshold * n_particles``, optional
+linear ramp of alpha over the first ``alpha_ramp`` tokens. Returns one particle per prompt drawn
+from the final weights, plus the weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import ops
+from .engine import DecoderModel, _eos_ids, pad_prompts
+
+__all__ = ["PowerSampler", "PowerResult", "expected_mh_token_forwards"]
+
+
+@dataclass
+class PowerResult:
+    """One chain (MH) or the selected particle (SMC)."""
+    prompt_index: int
+    ids: list
+    text: Optional[str]
+    logp: list
+    logq: list
+    stats: dict = field(default_factory=dict)
+
+
+def expected_mh_token_forwards(max_new_tokens: int, block_size: int, n_mcmc: int,
+                               prompt_len: int = 0, reuse: bool = True) -> float:
+    """Expected token-forwards of one MH chain that never emits EOS.
+
+    Block ``k`` (1-based, cap ``c_k = min(k B, T)``) extends by ``c_k - c_{k-1}`` tokens and runs
+    ``n_mcmc`` proposals with ``m ~ U{0..c_k-1}`` decoding ``c_k - m`` tokens each (mean
+    ``(c_k + 1) / 2``); with reuse each new token costs one forward, plus the prompt prefill
+    (whose last position yields the first token). With recomputation (the official code) every
+    generate call re-encodes prompt + prefix, so each call costs exactly ``P + c_k - 1``
+    token-forwards whatever ``m`` is. Decoded tokens = the reuse count minus ``P - 1``.
+    """
+    total, prev = 0.0, 0
+    nblocks = math.ceil(max_new_tokens / block_size)
+    for k in range(1, nblocks + 1):
+        cap = min(k * block_size, max_new_tokens)
+        if reuse:
+            total += (cap - prev) + n_mcmc * (cap + 1) / 2
+        else:  # every generate call encodes P + context and decodes up to cap: P + cap - 1
+            total += (1 + n_mcmc) * (prompt_len + cap - 1)
+        prev = cap
+    return total + (prompt_len - 1 if reuse else 0)
+
+
+class PowerSampler:
+    """Sample from p^alpha with block-wise MH (exact) or Power-SMC. See the module docstring."""
+
+    def __init__(self, model, *, alpha: float = 4.0, block_size: int = 192, n_mcmc: int = 10,
+                 max_new_tokens: int = 3072, top_k: Optional[int] = None, method: str = "mh",
+                 reuse: bool = True, official: bool = False, n_particles: int = 16,
+                 ess_threshold: float = 0.5, alpha_ramp: int = 0, tokenizer=None,
+                 eos_token_id=None, steer=None, sync_every: int = 16):
+        if method not in ("mh", "smc"):
+            raise ValueError(f"method must be 'mh' or 'smc', got {method!r}")
+        if not alpha >= 1.0:
+            raise ValueError(f"alpha must be >= 1 (p^alpha sharpens p), got {alpha}")
+        if block_size < 1 or max_new_tokens < 1 or n_mcmc < 0:
+            raise ValueError(f"need block_size >= 1, max_new_tokens >= 1, n_mcmc >= 0; got "
+                             f"{block_size}, {max_new_tokens}, {n_mcmc}")
+        if not 0 < ess_threshold <= 1:
+            raise ValueError(f"ess_threshold must be in (0, 1], got {ess_threshold}")
+        if steer is not None:
+            raise NotImplementedError("steer= (power-sampling a HybridModel) is not implemented yet")
+        self.hf = model
+        self.m = DecoderModel(model)
+        self.alpha, self.block_size, self.n_mcmc = float(alpha), int(block_size), int(n_mcmc)
+        self.max_new_tokens, self.method = int(max_new_tokens), method
+        self.official = bool(official)
+        self.top_k = (50 if official else None) if top_k is None else int(top_k)
+        self.reuse = bool(reuse)
+        self.n_particles, self.ess_threshold, self.alpha_ramp = int(n_particles), float(ess_threshold), int(alpha_ramp)
+        self.tokenizer = tokenizer
+        self.eos = _eos_ids(model, eos_token_id)
+        self.sync_every = sync_every
+
+    # ------------------------------------------------------------------ helpers
+    def _encode(self, prompts):
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if len(prompts) and isinstance(prompts[0], str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need tokenizer=")
+            prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        out = [list(map(int, p)) for p in prompts]
+        for i, p in enumerate(out):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        return out
+
+    def _sample(self, logits, temperature, gen):
+        return ops.sample_logprobs(logits, temperature, top_k=self.top_k, generator=gen,
+                                   check_nan=False)
+
+    def _prefill(self, cache, tokens, n_tokens):
+        """Encode ``tokens[b, :n_tokens[b]]`` into ``cache`` from slot 0 (one parallel pass)."""
+        m = self.m
+        S = int(n_tokens.max())
+        pos, slots, mask = m.prefill_plan(n_tokens, S, cache, S)
+        h = m.run(m.embed(tokens[:, :S]), pos, slots, mask, cache, S, 0, m.n_layers)
+        last = (n_tokens - 1).clamp_min(0)
+        return m.logits(h[torch.arange(h.shape[0], device=h.device), last])
+
+    def _decode(self, st, cache, L, cap, max_steps, gen, first_logits=None):
+        """Extend rows of state ``st`` (tokens/lp/lq/eos) from gen length ``L`` until EOS or
+        ``cap``. Returns ``(L, forwards)`` with forwards a device scalar."""
+        m = self.m
+        P = st["P"]
+        N = L.shape[0]
+        rows = torch.arange(N, device=L.device)
+        fw = torch.zeros((), dtype=torch.int64, device=L.device)
+        temp = 1.0 / self.alpha
+        eos = torch.tensor(self.eos or [-1], device=L.device)
+        active = (~st["eos"]) & (L < cap)
+        for t in range(max_steps):
+            if first_logits is not None and t == 0:
+                logits = first_logits
+            else:
+                cache.lengths.copy_(P + L - 1)
+                tok_in = st["tokens"][rows, P + L - 1]
+                span = int(st["tokens"].shape[1])
+                pos, slots, mask = m.decode_plan(cache, 0, span)
+                h = m.run(m.embed(tok_in[:, None]), pos, slots, mask, cache, span, 0, m.n_layers)
+                logits = m.logits(h[:, 0])
+                fw += active.sum()
+            tok, lp, lq = self._sample(logits, temp, gen)
+            idx = (P + L).clamp_max(st["tokens"].shape[1] - 1)
+            gi = L.clamp_max(st["lp"].shape[1] - 1)
+            st["tokens"][rows, idx] = torch.where(active, tok, st["tokens"][rows, idx])
+            st["lp"][rows, gi] = torch.where(active, lp, st["lp"][rows, gi])
+            st["lq"][rows, gi] = torch.where(active, lq, st["lq"][rows, gi])
+            st["eos"] = st["eos"] | (active & torch.isin(tok, eos))
+            L = L + active.long()
+            active = active & ~st["eos"] & (L < cap)
+            if (t + 1) % self.sync_every == 0 and not bool(active.any()):
+                break
+        return L, fw
+
+    # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def sample(self, prompts, *, n_chains: int = 1, generator: Optional[torch.Generator] = None):
+        """Power-sample every prompt (``n_chains`` independent chains each for MH; for SMC one
+        selected particle per prompt and chain). Returns a list of :class:`PowerResult`."""
+        pr = self._encode(prompts)
+        rows = [i for i in range(len(pr)) for _ in range(n_chains)]
+        if generator is None:
+            generator = torch.Generator(device=self.m.device).manual_seed(
+                int(torch.randint(0, 2**62, (1,)).item()))
+        if self.method == "smc":
+            return self._smc([pr[i] for i in rows], rows, generator)
+        return self._mh([pr[i] for i in rows], rows, generator)
+
+    # ------------------------------------------------------------------ MH
+    def _mh(self, prompts, prompt_index, gen):
+        t0 = time.perf_counter()
+        m, dev = self.m, self.m.device
+        N, T = len(prompts), self.max_new_tokens
+        pad = self.eos[0] if self.eos and self.eos[0] >= 0 else 0
+        ids, P = pad_prompts(prompts, pad, dev)
+        width = ids.shape[1] + T + 1
+        cur = dict(P=P, tokens=torch.full((N, width), pad, dtype=torch.int64, device=dev),
+                   lp=torch.zeros(N, T + 1, device=dev), lq=torch.zeros(N, T + 1, device=dev),
+                   eos=torch.zeros(N, dtype=torch.bool, device=dev))
+        cur["tokens"][:, : ids.shape[1]] = ids
+        cache = m.new_cache(N, width)
+        pcache = m.new_cache(N, width)
+        L = torch.zeros(N, dtype=torch.int64, device=dev)
+        fw = torch.zeros((), dtype=torch.int64, device=dev)
+        decoded = torch.zeros((), dtype=torch.int64, device=dev)
+        n_prop = torch.zeros(N, dtype=torch.int64, device=dev)
+        n_acc = torch.zeros(N, dtype=torch.int64, device=dev)
+        trace = []
+        j = torch.arange(T + 1, device=dev)[None, :]
+        nblocks = math.ceil(T / self.block_size)
+        prev_cap = 0
+        for k in range(nblocks):
+            cap = min((k + 1) * self.block_size, T)
+            live = ~cur["eos"]            # chains whose state ended in EOS after a block stop
+            # ---- extend every live chain by up to one block
+            L0 = L.clone()
+            if self.reuse and k > 0:
+                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, gen)
+            else:  # first block (prompt prefill), or recompute: encode prompt + prefix
+                first = self._prefill(cache, cur["tokens"], P + L)
+                fw += torch.where(live, P + L, 0).sum()
+                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, gen, first_logits=first)
+            fw += f
+            decoded += (L - L0).sum()
+            prev_cap = cap
+            # ---- n_mcmc Metropolis-Hastings steps on the whole generated sequence
+            for _ in range(self.n_mcmc):
+                u = torch.rand(N, generator=gen, device=dev)
+                mi = torch.minimum((u * L).long(), (L - 1).clamp_min(0))
+                mi = torch.where(live, mi, L)
+                prop = dict(P=P, tokens=cur["tokens"].clone(), lp=cur["lp"].clone(),
+                            lq=cur["lq"].clone(), eos=cur["eos"] & ~live)
+                pcap = torch.where(live, torch.full_like(L, cap), L)
+                max_steps = int((pcap - mi).max())
+                if self.reuse:
+                    for a, b in zip(pcache.k + pcache.v, cache.k + cache.v):
+                        a.copy_(b)
+                    # re-feeds the token before m (its logits predict position m)
+                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen)
+                else:
+                    first = self._prefill(pcache, prop["tokens"], P + mi)
+                    fw += torch.where(live, P + mi, 0).sum()
+                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen, first_logits=first)
+                fw += f
+                decoded += (Lp - mi).sum()
+                # ---- acceptance over the whole suffixes of both states
+                in_prop = (j >= mi[:, None]) & (j < Lp[:, None])
+                cur_end = torch.minimum(L, Lp) if self.official else L
+                in_cur = (j >= mi[:, None]) & (j < cur_end[:, None])
+                slp = (prop["lp"] * in_prop).sum(1) - (cur["lp"] * in_cur).sum(1)
+                slq = (cur["lq"] * in_cur).sum(1) - (prop["lq"] * in_prop).sum(1)
+                logA = self.alpha * slp + slq
+                if not self.official:   # Hastings term: m is uniform over a different count
+                    logA = logA + torch.log(L.clamp_min(1).float()) - torch.log(Lp.clamp_min(1).float())
+                v = torch.rand(N, generator=gen, device=dev)
+                acc = live & (torch.log(v) < logA)
+                n_prop += live.long()
+                n_acc += acc.long()
+                trace.append((mi, L, Lp, acc))
+                for key in ("tokens", "lp", "lq", "eos"):
+                    a = acc.view(-1, *([1] * (cur[key].ndim - 1)))
+                    cur[key] = torch.where(a, prop[key], cur[key])
+                L = torch.where(acc, Lp, L)
+                if self.reuse:
+                    a = acc.view(-1, 1, 1, 1)
+                    for x, y in zip(cache.k + cache.v, pcache.k + pcache.v):
+                        torch.where(a, y, x, out=x)
+            if bool(cur["eos"].all()):
+                break
+        Lc = L.cpu()
+        toks = cur["tokens"].cpu()
+        lp, lq = cur["lp"].cpu(), cur["lq"].cpu()
+        dt = time.perf_counter() - t0
+        out = []
+        for b in range(N):
+            n = int(Lc[b])
+            gen_ids = toks[b, int(P[b]): int(P[b]) + n].tolist()
+            text = self.tokenizer.decode(gen_ids, skip_special_tokens=True) if self.tokenizer else None
+            out.append(PowerResult(prompt_index[b], gen_ids, text, lp[b, :n].tolist(), lq[b, :n].tolist(),
+                                   dict(acceptance_rate=float(n_acc[b]) / max(1, int(n_prop[b])),
+                                        proposals=int(n_prop[b]))))
+        stats = dict(decoded_tokens=int(decoded), token_forwards=int(fw), seconds=dt, chains=N,
+                     trace=[tuple(t.cpu() for t in x) for x in trace])
+        for r in out:
+            r.stats.update({k: v for k, v in stats.items() if k != "trace"})
+        self.last_stats = stats
+        return out
+
+    # ------------------------------------------------------------------ SMC
+    def _smc(self, prompts, prompt_index, gen):
+        """Power-SMC (see module docstring). ``prompts`` holds one entry per selected particle."""
+        t0 = time.perf_counter()
+        m, dev = self.m, self.m.device
+        G, Np, T = len(prompts), self.n_particles, self.max_new_tokens
+        N = G * Np
+        pad = self.eos[0] if self.eos and self.eos[0] >= 0 else 0
+        ids, P = pad_prompts([p for p in prompts for _ in range(Np)], pad, dev)
+        width = ids.shape[1] + T + 1
+        tokens = torch.full((N, width), pad, dtype=torch.int64, device=dev)
+        tokens[:, : ids.shape[1]] = ids
+        lpb = torch.zeros(N, T, device=dev)
+        lqb = torch.zeros(N, T, device=dev)
+        L = torch.zeros(N, dtype=torch.int64, device=dev)
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        logw = torch.zeros(N, dtype=torch.float64, device=dev)
+        cum_lp = torch.zeros(N, dtype=torch.float64, device=dev)
+        eos = torch.tensor(self.eos or [-1], device=dev)
+        rows = torch.arange(N, device=dev)
+        cache = m.new_cache(N, width)
+        logits = self._prefill(cache, tokens, P)
+        fw = int(P.sum())
+        n_resample = 0
+        a_prev = None
+        for t in range(T):
+            a_t = self.alpha if self.alpha_ramp <= 0 else \
+                min(self.alpha, 1.0 + (self.alpha - 1.0) * t / self.alpha_ramp)
+            if t > 0:
+                cache.lengths.copy_(P + L - 1)
+                pos, slots, mask = m.decode_plan(cache, 0, width)
+                h = m.run(m.embed(tokens[rows, P + L - 1][:, None]), pos, slots, mask, cache, width, 0,
+                          m.n_layers)
+                logits = m.logits(h[:, 0])
+                fw += int(N)
+            tok, lp, lq = self._sample(logits, 1.0 / a_t, gen)
+            active = ~done
+            if a_prev is not None and a_t != a_prev:   # the target's exponent moved: reweight the past
+                logw += (a_t - a_prev) * cum_lp
+            a_prev = a_t
+            logw += torch.where(active, a_t * lp.double() - lq.double(), torch.zeros_like(logw))
+            tokens[rows, P + L] = torch.where(active, tok, tokens[rows, P + L])
+            lpb[rows, L.clamp_max(T - 1)] = torch.where(active, lp, lpb[rows, L.clamp_max(T - 1)])
+            lqb[rows, L.clamp_max(T - 1)] = torch.where(active, lq, lqb[rows, L.clamp_max(T - 1)])
+            cum_lp += torch.where(active, lp.double(), torch.zeros_like(cum_lp))
+            L = L + active.long()
+            done = done | (active & torch.isin(tok, eos)) | (L >= T)
+            # ---- resample groups whose effective sample size fell below the threshold
+            w = logw.view(G, Np)
+            ess = torch.exp(2 * torch.logsumexp(w, 1) - torch.logsumexp(2 * w, 1))
+            need = ess < self.ess_threshold * Np
+            if bool(need.any()) and t < T - 1:
+                n_resample += int(need.sum())
+                probs = torch.softmax(w, 1).float()
+                draw = torch.multinomial(probs, Np, replacement=True, generator=gen)
+                ident = torch.arange(Np, device=dev)[None, :].expand(G, Np)
+                src = (torch.where(need[:, None], draw, ident)
+                       + torch.arange(G, device=dev)[:, None] * Np).reshape(-1)
+                tokens, lpb, lqb, L, done, cum_lp = (x.index_select(0, src) for x in
+                                                     (tokens, lpb, lqb, L, done, cum_lp))
+                for x in cache.k + cache.v:
+                    x.copy_(x.index_select(0, src))
+                logw = torch.where(need[:, None], torch.logsumexp(w, 1, keepdim=True) - math.log(Np),
+                                   w).reshape(-1)
+            if (t + 1) % self.sync_every == 0 and bool(done.all()):
+                break
+        w = logw.view(G, Np)
+        norm_w = torch.softmax(w, 1)
+        pick = torch.multinomial(norm_w.float(), 1, generator=gen)[:, 0]
+        sel = torch.arange(G, device=dev) * Np + pick
+        dt = time.perf_counter() - t0
+        out = []
+        Lc, toks = L.cpu(), tokens.cpu()
+        for g in range(G):
+            r = int(sel[g])
+            n = int(Lc[r])
+            gen_ids = toks[r, int(P[r]): int(P[r]) + n].tolist()
+            text = self.tokenizer.decode(gen_ids, skip_special_tokens=True) if self.tokenizer else None
+            out.append(PowerResult(prompt_index[g], gen_ids, text, lpb[r, :n].tolist(), lqb[r, :n].tolist(),
+                                   dict(weights=norm_w[g].cpu().tolist(), selected=int(pick[g]),
+                                        particles=[toks[g * Np + i, int(P[r]): int(P[r]) + int(Lc[g * Np + i])].tolist()
+                                                   for i in range(Np)],
+                                        ess=float(torch.exp(2 * torch.logsumexp(w[g], 0) - torch.logsumexp(2 * w[g], 0))))))
+        self.last_stats = dict(token_forwards=fw, decoded_tokens=int(L.sum()), seconds=dt,
+                               resampling_events=n_resample, particles=N)
+        for r in out:
+            r.stats.update(self.last_stats)
+        return out

@@ -1,0 +1,154 @@
+"""Power sampling: exactness against p^alpha by enumeration, reuse == recompute, counts."""
+import itertools
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from hybridfast.power import PowerSampler, expected_mh_token_forwards
+from hybridfast.tiny import tiny_model
+
+EOS = 3
+PROMPT = [0, 1]
+T = 3
+ALPHA = 2.0
+
+
+def enum_model():
+    return tiny_model("qwen2", seed=5, vocab_size=4, bos_token_id=0, eos_token_id=EOS,
+                      pad_token_id=0, initializer_range=0.1)
+
+
+def complete_sequences(vocab=4, T=T):
+    """Every complete generation: ends with EOS, or reaches T tokens."""
+    out = []
+    for n in range(1, T + 1):
+        for s in itertools.product(range(vocab), repeat=n):
+            if EOS in s[:-1]:
+                continue
+            if n < T and s[-1] != EOS:
+                continue
+            out.append(s)
+    return out
+
+
+@torch.no_grad()
+def exact_power(model, alpha=ALPHA):
+    seqs = complete_sequences()
+    logp = []
+    for s in seqs:
+        ids = torch.tensor([PROMPT + list(s)])
+        lp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        logp.append(sum(float(lp[len(PROMPT) - 1 + i, t]) for i, t in enumerate(s)))
+    w = torch.tensor(logp, dtype=torch.float64) * alpha
+    return seqs, torch.softmax(w, 0)
+
+
+def chi2_pvalue(samples, seqs, probs):
+    index = {s: i for i, s in enumerate(seqs)}
+    counts = torch.zeros(len(seqs), dtype=torch.float64)
+    for s in samples:
+        counts[index[tuple(s)]] += 1
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    ex = torch.cat([exp[big], exp[~big].sum()[None]])
+    return chisquare(obs.numpy(), ex.numpy()).pvalue, counts / n
+
+
+@pytest.fixture(scope="module")
+def target():
+    m = enum_model()
+    seqs, probs = exact_power(m)
+    assert probs.max() < 0.5 and (probs > 0.01).sum() >= 8, "target must be spread enough to test"
+    return m, seqs, probs
+
+
+def run_mh(model, n, seed, **kw):
+    ps = PowerSampler(model, alpha=ALPHA, block_size=T, max_new_tokens=T, n_mcmc=kw.pop("n_mcmc", 100),
+                      eos_token_id=EOS, **kw)
+    return ps.sample([PROMPT], n_chains=n, generator=torch.Generator().manual_seed(seed)), ps
+
+
+# Fixed seeds; the p-value thresholds are documented: exact MH must not be rejected at 1e-3,
+# the official code's procedure must be rejected at 1e-6.
+def test_mh_is_exact(target):
+    m, seqs, probs = target
+    out, _ = run_mh(m, 5000, seed=11)
+    p, freq = chi2_pvalue([r.ids for r in out], seqs, probs)
+    assert p > 1e-3, f"exact MH rejected: p={p}"
+    # plain proposal sampling (no MH steps) is NOT p^alpha: the test has power
+    out0, _ = run_mh(m, 6000, seed=11, n_mcmc=0)
+    p0, _ = chi2_pvalue([r.ids for r in out0], seqs, probs)
+    assert p0 < 1e-6, f"proposal alone not rejected: p={p0}"
+
+
+def test_official_procedure_is_biased(target):
+    m, seqs, probs = target
+    out, _ = run_mh(m, 6000, seed=11, official=True)
+    p, _ = chi2_pvalue([r.ids for r in out], seqs, probs)
+    assert p < 1e-6, f"official-code option not rejected: p={p}"
+
+
+def test_smc_tv_shrinks_with_particles(target):
+    m, seqs, probs = target
+    index = {s: i for i, s in enumerate(seqs)}
+
+    def weighted_measure(n_particles, groups, seed):
+        ps = PowerSampler(m, alpha=ALPHA, max_new_tokens=T, method="smc", n_particles=n_particles,
+                          eos_token_id=EOS)
+        out = ps.sample([PROMPT] * groups, generator=torch.Generator().manual_seed(seed))
+        acc = torch.zeros(len(seqs), dtype=torch.float64)
+        for r in out:
+            for w, part in zip(r.stats["weights"], r.stats["particles"]):
+                acc[index[tuple(part)]] += w
+        return acc / groups
+
+    tv8 = 0.5 * (weighted_measure(8, 1500, 1) - probs).abs().sum()
+    tv256 = 0.5 * (weighted_measure(256, 60, 2) - probs).abs().sum()
+    assert tv256 < tv8, (tv8, tv256)
+    assert tv256 < 0.05
+
+
+def test_reuse_and_recompute_same_chains_and_counts():
+    m = tiny_model("qwen2", seed=1)
+    kw = dict(alpha=4, block_size=5, n_mcmc=3, max_new_tokens=15, eos_token_id=-1)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    a = PowerSampler(m, reuse=True, **kw)
+    ra = a.sample(prompts, n_chains=2, generator=torch.Generator().manual_seed(4))
+    b = PowerSampler(m, reuse=False, **kw)
+    rb = b.sample(prompts, n_chains=2, generator=torch.Generator().manual_seed(4))
+    assert [r.ids for r in ra] == [r.ids for r in rb]
+    assert a.last_stats["decoded_tokens"] == b.last_stats["decoded_tokens"]
+    P = [3, 3, 5, 5]
+    # reuse: prompt prefill + one forward per decoded token (the prefill yields the first)
+    assert a.last_stats["token_forwards"] == sum(p - 1 for p in P) + a.last_stats["decoded_tokens"]
+    # recompute (the official code's cost): exactly (1 + n_mcmc) * (P + cap_k - 1) per block
+    exp = sum(expected_mh_token_forwards(15, 5, 3, p, reuse=False) for p in P)
+    assert b.last_stats["token_forwards"] == exp
+    acc = [r.stats["acceptance_rate"] for r in ra]
+    assert all(0 < x < 1 for x in acc)
+
+
+def test_expected_counts_formula_matches_design():
+    # DESIGN.md section 2: ~134k decoded tokens for T=3072, B=192, N=10
+    dec = expected_mh_token_forwards(3072, 192, 10, prompt_len=1)
+    assert abs(dec - 134_000) / 134_000 < 0.01
+    rec = expected_mh_token_forwards(3072, 192, 10, prompt_len=1, reuse=False)
+    assert rec > dec
+
+
+def test_seeded_and_bad_input():
+    m = tiny_model("llama", seed=2)
+    ps = PowerSampler(m, alpha=4, block_size=4, n_mcmc=2, max_new_tokens=8)
+    a = ps.sample([[4, 5]], generator=torch.Generator().manual_seed(1))
+    b = ps.sample([[4, 5]], generator=torch.Generator().manual_seed(1))
+    assert a[0].ids == b[0].ids and a[0].logq == b[0].logq
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        ps.sample([[]])
+    with pytest.raises(ValueError, match="alpha must be >= 1"):
+        PowerSampler(m, alpha=0.5)
+    with pytest.raises(ValueError, match="method must be"):
+        PowerSampler(m, method="gibbs")
