@@ -159,3 +159,50 @@ def paper_mode_recompute(hm, base_prompts, thinking_prompts, max_new_tokens, *, 
         text = hm.tok_b.decode(gen, skip_special_tokens=True) if hm.tok_b is not None else None
         results.append(HybridResult(gen, text, cats, steered, used))
     return HybridOutput(results, time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def power_official(model, prompt, *, alpha=4.0, block_size=192, n_mcmc=10, max_new_tokens=3072,
+                   top_k=50, eos_token_id=None, generator=None):
+    """Re-implementation of the official power-sampling procedure, for benchmarks: one problem,
+    ``model.generate`` per proposal (prompt + prefix re-encoded every time), top-k 50, current
+    suffix truncated to the proposal's length, no Hastings length term. Biased (DESIGN.md 2).
+
+    Returns ``(ids, stats)`` with token-forwards counted as context + new - 1 per call.
+    """
+    dev = next(model.parameters()).device
+    eos = _eos_ids(model, eos_token_id)
+    g = generator if generator is not None else torch.Generator(device=dev)
+    P = len(prompt)
+    fw = decoded = 0
+
+    def gen(prefix, n):
+        nonlocal fw, decoded
+        ids = torch.tensor([prompt + prefix], device=dev)
+        out = model.generate(ids, max_new_tokens=n, do_sample=True, temperature=1.0 / alpha,
+                             top_k=top_k, output_logits=True, output_scores=True,
+                             return_dict_in_generate=True, eos_token_id=eos or None,
+                             pad_token_id=eos[0] if eos and eos[0] >= 0 else 0)
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        lp = [float(torch.log_softmax(l[0].float(), -1)[t]) for l, t in zip(out.logits, new)]
+        lq = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, new)]
+        fw += ids.shape[1] + len(new) - 1
+        decoded += len(new)
+        return new, lp, lq
+
+    cur, lp, lq = [], [], []
+    nblocks = -(-max_new_tokens // block_size)
+    for k in range(nblocks):
+        cap = min((k + 1) * block_size, max_new_tokens)
+        new, a, b = gen(cur, cap - len(cur))
+        cur, lp, lq = cur + new, lp + a, lq + b
+        for _ in range(n_mcmc):
+            idx = int(torch.randint(0, len(cur), (1,), generator=g))
+            new, a, b = gen(cur[:idx], cap - idx)
+            s = idx + len(new)
+            log_r = alpha * (sum(a) - sum(lp[idx:s])) + (sum(lq[idx:s]) - sum(b))
+            if float(torch.rand(1, generator=g)) < min(1.0, float(torch.tensor(log_r).exp())):
+                cur, lp, lq = cur[:idx] + new, lp[:idx] + a, lq[:idx] + b
+        if cur and cur[-1] in eos:
+            break
+    return cur, dict(token_forwards=fw, decoded_tokens=decoded, prompt_len=P)

@@ -364,7 +364,7 @@ class PowerSampler:
             text = self.tokenizer.decode(gen_ids, skip_special_tokens=True) if self.tokenizer else None
             out.append(PowerResult(prompt_index[g], gen_ids, text, lpb[r, :n].tolist(), lqb[r, :n].tolist(),
                                    dict(weights=norm_w[g].cpu().tolist(), selected=int(pick[g]),
-                                        particles=[toks[g * Np + i, int(P[r]): int(P[r]) + int(Lc[g * Np + i])].tolist()
+                                        particle_ids=[toks[g * Np + i, int(P[r]): int(P[r]) + int(Lc[g * Np + i])].tolist()
                                                    for i in range(Np)],
                                         ess=float(torch.exp(2 * torch.logsumexp(w[g], 0) - torch.logsumexp(2 * w[g], 0))))))
         self.last_stats = dict(token_forwards=fw, decoded_tokens=int(L.sum()), seconds=dt,

@@ -102,7 +102,7 @@ def test_smc_tv_shrinks_with_particles(target):
         out = ps.sample([PROMPT] * groups, generator=torch.Generator().manual_seed(seed))
         acc = torch.zeros(len(seqs), dtype=torch.float64)
         for r in out:
-            for w, part in zip(r.stats["weights"], r.stats["particles"]):
+            for w, part in zip(r.stats["weights"], r.stats["particle_ids"]):
                 acc[index[tuple(part)]] += w
         return acc / groups
 
