@@ -94,6 +94,19 @@ inline void load_row(const void* p, int dt, int64_t off, int64_t n, float* dst) 
   }
 }
 
+// Convert n floats into dtype dt at p[off..off+n).
+inline void store_row(void* p, int dt, int64_t off, int64_t n, const float* src) {
+  if (dt == F32) {
+    std::memcpy(static_cast<float*>(p) + off, src, n * sizeof(float));
+  } else if (dt == BF16) {
+    uint16_t* d = static_cast<uint16_t*>(p) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(p) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+  }
+}
+
 // ---- counter-based RNG (see hybridfast/ops/rng.py) ----
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;

@@ -49,3 +49,52 @@ def tiny_model(family: str = "qwen2", seed: int = 0, vocab_size: int = 96, hidde
         cfg["attention_bias"] = False
     cfg.update(overrides)
     return model_from_config(cfg, seed=seed, dtype=dtype)
+
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<think>", "</think>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: <think>\n{% endif %}")
+
+
+def tiny_tokenizer(vocab_size: int = 384, texts=None):
+    """A byte-level BPE tokenizer trained (deterministically, in about a second) on the bundled
+    GSM8K sample, with ``<pad> <s> </s> <think> </think>`` as ids 0..4 and a chat template.
+    Offsets mapping works, so sentence activations can be located exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    if texts is None:
+        from .datasets import load_problems
+        from importlib import resources
+        import json as _json
+        raw = resources.files("hybridfast.data").joinpath("gsm8k_train_sample.jsonl").read_text()
+        texts = []
+        for line in raw.splitlines():
+            r = _json.loads(line)
+            texts += [r["question"], r["answer"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_pair(tokenizer, seed: int = 0, family: str = "qwen2", perturb: float = 0.3, **kw):
+    """(base, thinking) tiny models sharing ``tokenizer``'s vocabulary: the thinking model is
+    the base with every weight perturbed by ``perturb`` x its std (they agree often, not always)."""
+    import copy
+    V = len(tokenizer)
+    ids = dict(vocab_size=V, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    base = tiny_model(family, seed=seed, **ids, **kw)
+    think = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in think.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * perturb * p.std().clamp_min(1e-3))
+    return base, think
