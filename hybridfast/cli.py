@@ -21,8 +21,9 @@ def main(argv=None):
     sub.add_parser("bench", help="tokens/sec of the hybrid modes vs baselines (bench/bench_hybrid.py)",
                    add_help=False)
     sub.add_parser("bench-power", help="power-sampling benchmark (bench/bench_power.py)", add_help=False)
-    sub.add_parser("power-sample", help="power-sample prompts from a JSONL file", add_help=False)
     sub.add_parser("demo", help="run the whole pipeline on tiny bundled models", add_help=False)
+    sub.add_parser("discover", help="taxonomy discovery (traces, SAE)", add_help=False)
+    sub.add_parser("train-vectors", help="train the steering vectors", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         ap.parse_args(argv)
         return
@@ -33,9 +34,12 @@ def main(argv=None):
     elif cmd == "bench-power":
         sys.argv = ["bench_power.py"] + rest
         runpy.run_path(str(_bench_script("bench_power")), run_name="__main__")
-    elif cmd == "power-sample":
-        from .power_cli import main as pmain
-        pmain(rest)
+    elif cmd == "discover":
+        from .pipeline_cli import discover_main
+        discover_main(rest)
+    elif cmd == "train-vectors":
+        from .pipeline_cli import train_vectors_main
+        train_vectors_main(rest)
     elif cmd == "demo":
         from .demo import main as dmain
         dmain(rest)

@@ -1,0 +1,74 @@
+"""End to end: the demo pipeline, the discover/train-vectors CLI, grading, the trace viewer."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybridfast.grading import extract_answer, grade, last_boxed
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from hybridfast.demo import run_demo
+    s = run_demo(tmp_path / "demo", n_train=12, n_eval=2, max_new_tokens=24, progress=False)
+    assert set(s["methods"]) == {"base", "thinking", "hybrid-paper", "hybrid-routed", "power-mh", "power-smc"}
+    for name in ("traces.jsonl", "results.jsonl", "summary.json", "report.md", "traces.html",
+                 "sae/sae.safetensors", "sae/taxonomy.json", "vectors/vectors.safetensors"):
+        assert (tmp_path / "demo" / name).exists(), name
+    rows = [json.loads(x) for x in (tmp_path / "demo" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all({"problem", "method", "output", "correct", "tokens"} <= set(r) for r in rows)
+    assert s["methods"]["hybrid-paper"]["steered_fraction"] > 0
+    html = (tmp_path / "demo" / "traces.html").read_text()
+    assert "class='s'" in html and "title='idx" in html
+
+
+def test_discover_and_train_vectors_cli(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "hybridfast.cli", *a], capture_output=True,  # noqa: E731
+                                    text=True, env=env, timeout=600)
+    # traces with real sentences: GSM8K worked solutions stand in for the thinking text
+    from hybridfast.datasets import load_problems
+    from hybridfast.prompts import thinking_prompt
+    from hybridfast.tiny import tiny_tokenizer
+    import json as _j
+    raw = [_j.loads(x) for x in open(os.path.join(os.path.dirname(__file__), "..", "hybridfast", "data",
+                                                  "gsm8k_train_sample.jsonl")).read().splitlines()[:40]]
+    tk = tiny_tokenizer()
+    traces = [dict(question=r["question"], prompt=thinking_prompt(tk, r["question"]),
+                   response="<think>" + r["answer"] + "</think>", thinking=r["answer"]) for r in raw]
+    (tmp_path / "traces.jsonl").write_text("".join(_j.dumps(t) + "\n" for t in traces))
+    r = run("discover", "--traces", str(tmp_path / "traces.jsonl"), "--K", "4", "--out", str(tmp_path / "tx"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("train-vectors", "--sae", str(tmp_path / "tx" / "sae-L2-K4"), "--steer-layer", "1",
+            "--epochs", "2", "--min-target-words", "3", "--min-bias-words", "5", "--out", str(tmp_path / "v"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from hybridfast import HybridModel
+    from hybridfast.io import load_sae, load_vectors
+    from hybridfast.tiny import tiny_pair, tiny_tokenizer
+    tok = tiny_tokenizer()
+    base, think = tiny_pair(tok, seed=0)
+    sae, vec = load_sae(tmp_path / "tx" / "sae-L2-K4"), load_vectors(tmp_path / "v")
+    assert sae.n_latents == 4 and vec.V.shape == (4, 64) and vec.bias is not None
+    hm = HybridModel(base, think, sae, vec, sae_layer=2, steer_layer=1, base_tokenizer=tok,
+                     thinking_tokenizer=tok)
+    out = hm.generate(["Question: 1+1?"], ["<s>user: 1+1?\n"], 8)
+    assert len(out[0].ids) == 8 and isinstance(out[0].text, str)
+
+
+@pytest.mark.parametrize("text,ans", [
+    ("so the total is 1,234 dollars", "1234"),
+    ("The answer is 42.", "42"),
+    ("we get \\boxed{17} and then 3", "17"),
+    ("no digits here", None),
+])
+def test_gsm8k_extraction(text, ans):
+    assert extract_answer("gsm8k", text) == ans
+
+
+def test_grading():
+    assert grade("gsm8k", "18.0", "18") and not grade("gsm8k", "17", "18") and not grade("gsm8k", None, "1")
+    assert last_boxed("x \\boxed{\\frac{1}{2}} y") == "\\frac{1}{2}"
+    assert grade("math500", "\\dfrac{1}{2}", "\\frac{1}{2}")
+    assert not grade("math500", "3", "\\frac{1}{2}")
