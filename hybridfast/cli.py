@@ -22,6 +22,8 @@ def main(argv=None):
                    add_help=False)
     sub.add_parser("bench-power", help="power-sampling benchmark (bench/bench_power.py)", add_help=False)
     sub.add_parser("demo", help="run the whole pipeline on tiny bundled models", add_help=False)
+    sub.add_parser("eval", help="evaluate a method on GSM8K/MATH500 (resumable, optional Ray)", add_help=False)
+    sub.add_parser("report", help="markdown report of a run directory", add_help=False)
     sub.add_parser("discover", help="taxonomy discovery (traces, SAE)", add_help=False)
     sub.add_parser("train-vectors", help="train the steering vectors", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
@@ -34,6 +36,12 @@ def main(argv=None):
     elif cmd == "bench-power":
         sys.argv = ["bench_power.py"] + rest
         runpy.run_path(str(_bench_script("bench_power")), run_name="__main__")
+    elif cmd == "eval":
+        from .eval import main as emain
+        emain(rest)
+    elif cmd == "report":
+        from .eval import report_main
+        report_main(rest)
     elif cmd == "discover":
         from .pipeline_cli import discover_main
         discover_main(rest)

@@ -129,6 +129,7 @@ class HybridModel:
         if not self.windows or any(w < 0 for w in self.windows):
             raise ValueError(f"windows must be non-negative widths (0 = all positions), got {windows}")
         dev = mb.device
+        self._validated: set = set()
         self._router = self.sae.to(device=dev, dtype=torch.float32)
         self._V = self.vectors.V.to(device=dev, dtype=mb.dtype)
         self._bias = None if self.vectors.bias is None else self.vectors.bias.to(device=dev, dtype=mb.dtype)
@@ -151,12 +152,20 @@ class HybridModel:
 
     # ------------------------------------------------------------------ helpers
     def _route(self, h, x, coefs_expand: bool):
+        """route_steer inside the decode loop: shapes were validated once (first call goes
+        through the public op); later calls go straight to the resolved implementation."""
         r = self._router
-        return ops.route_steer(
-            h, x.to(torch.float32), r.W_enc, r.b_enc, r.b_dec, self._V,
-            None if coefs_expand else self.coefs, bias=self._bias, x_mean=r.x_mean,
-            normalize=r.normalize, threshold=self.threshold,
-            coefs=self.coefs if coefs_expand else None, check_nan=False)
+        args = (h, x.to(torch.float32), r.W_enc, r.b_enc, r.b_dec, self._V,
+                None if coefs_expand else self.coefs)
+        kw = dict(bias=self._bias, x_mean=r.x_mean, normalize=r.normalize, threshold=self.threshold,
+                  coefs=self.coefs if coefs_expand else None)
+        key = (coefs_expand, h.dtype, tuple(h.shape[1:]))
+        if key not in self._validated:
+            self._validated.add(key)
+            return ops.route_steer(*args, **kw, check_nan=False)
+        impl = ops.resolve_impl(h.device, h.dtype)
+        return ops._route_steer_impl(impl, *args, kw["bias"], kw["x_mean"], kw["normalize"],
+                                     kw["threshold"], kw["coefs"], False)
 
     def _encode(self, prompts, tok):
         if len(prompts) and isinstance(prompts[0], str):
