@@ -22,6 +22,7 @@ def main(argv=None):
                    add_help=False)
     sub.add_parser("bench-power", help="power-sampling benchmark (bench/bench_power.py)", add_help=False)
     sub.add_parser("demo", help="run the whole pipeline on tiny bundled models", add_help=False)
+    sub.add_parser("power-sample", help="power-sample prompts from a JSONL file (resumable)", add_help=False)
     sub.add_parser("eval", help="evaluate a method on GSM8K/MATH500 (resumable, optional Ray)", add_help=False)
     sub.add_parser("report", help="markdown report of a run directory", add_help=False)
     sub.add_parser("discover", help="taxonomy discovery (traces, SAE)", add_help=False)
@@ -36,6 +37,9 @@ def main(argv=None):
     elif cmd == "bench-power":
         sys.argv = ["bench_power.py"] + rest
         runpy.run_path(str(_bench_script("bench_power")), run_name="__main__")
+    elif cmd == "power-sample":
+        from .power_cli import main as pmain
+        pmain(rest)
     elif cmd == "eval":
         from .eval import main as emain
         emain(rest)

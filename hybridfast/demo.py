@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,24 +15,9 @@ import torch
 __all__ = ["main", "run_demo"]
 
 
-def wilson(k: int, n: int, z: float = 1.96):
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
-def gap_recovery(acc_h, acc_b, acc_t):
-    if acc_t == acc_b:
-        return None
-    return max(0.0, (acc_h - min(acc_b, acc_t)) / abs(acc_t - acc_b))
-
-
 def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=0, progress=True):
     from .datasets import load_problems
+    from .metrics import report_markdown, summarize
     from .grading import extract_answer, grade
     from .hybrid import HybridModel
     from .io import load_sae, load_vectors
@@ -116,6 +100,8 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
             ps = PowerSampler(base, alpha=4.0, block_size=16, n_mcmc=2, max_new_tokens=max_new_tokens,
                               method=method, n_particles=8, tokenizer=tok, eos_token_id=tok.eos_token_id)
             res = ps.sample(pp, generator=torch.Generator().manual_seed(seed))
+            if method == "mh":
+                acc_curve = [float(a.float().mean()) for (_, _, _, a) in ps.last_stats["trace"]]
             for r in res:
                 add(f"power-{method}", r.prompt_index, r.text, len(r.ids),
                     seconds=ps.last_stats["seconds"] / len(pp))
@@ -127,49 +113,24 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
                                    categories=[dict(id=c["id"], name=c["name"], count=c["count"])
                                                for c in taxonomy["categories"]])
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "report.md").write_text(report_markdown(summary))
+        from .plots import bar_svg, lines_svg
+        (out / "accuracy.svg").write_text(bar_svg({m: r["accuracy"] for m, r in summary["methods"].items()},
+                                                  "accuracy by method"))
+        rec = hybrid_records["paper"]
+        T = max(len(r["category"]) for r in rec)
+        usage = {vec_p.names[c]: [sum(1 for r in rec if t < len(r["category"]) and r["category"][t] == c
+                                      and r["steered"][t]) / len(rec) for t in range(T)]
+                 for c in range(len(vec_p.names))}
+        (out / "category_usage.svg").write_text(lines_svg(usage, "steered category by token position (paper mode)",
+                                                          "generated token position", ymax=1.0))
+        (out / "acceptance.svg").write_text(lines_svg({"MH": acc_curve}, "acceptance rate over MH steps",
+                                                      "MH step (all blocks)", ymax=1.0))
+        (out / "report.md").write_text(report_markdown(summary) + "\n![accuracy](accuracy.svg)\n"
+                                       "![category usage](category_usage.svg)\n![acceptance](acceptance.svg)\n")
         from .report import trace_viewer_html
         (out / "traces.html").write_text(trace_viewer_html(hybrid_records, vec_p.names))
     print(f"report: {out / 'report.md'}  (trace viewer: {out / 'traces.html'})")
     return summary
-
-
-def summarize(results):
-    methods = sorted({r["method"] for r in results})
-    s = {}
-    for m in methods:
-        rs = [r for r in results if r["method"] == m]
-        k = sum(r["correct"] for r in rs)
-        toks = sum(r["tokens"] for r in rs)
-        secs = sum(r["seconds"] for r in rs)
-        s[m] = dict(n=len(rs), accuracy=k / len(rs), ci95=wilson(k, len(rs)),
-                    unparseable=sum(r["extracted"] is None for r in rs),
-                    steered_fraction=sum(r["steered_tokens"] / max(1, r["tokens"]) for r in rs) / len(rs),
-                    steered_fraction_tokens=sum(r["steered_tokens"] for r in rs) / max(1, toks),
-                    tokens=toks, tokens_per_s=toks / secs if secs else None)
-    out = dict(methods=s)
-    if "base" in s and "thinking" in s:
-        out["gap_recovery"] = {m: gap_recovery(s[m]["accuracy"], s["base"]["accuracy"],
-                                               s["thinking"]["accuracy"])
-                               for m in s if m.startswith("hybrid")}
-    return out
-
-
-def report_markdown(summary) -> str:
-    lines = ["# hybridfast run report", "",
-             "Random-weight demo models: accuracies are meaningless; the table shows the pipeline works.", "",
-             "| method | n | accuracy | 95% CI | unparseable | steered (per-problem) | steered (tokens) | tokens/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for m, r in summary["methods"].items():
-        tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else ""
-        lines.append(f"| {m} | {r['n']} | {r['accuracy']:.3f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] "
-                     f"| {r['unparseable']} | {r['steered_fraction']:.3f} | {r['steered_fraction_tokens']:.3f} | {tps} |")
-    if summary.get("gap_recovery"):
-        lines += ["", "Gap recovery (clipped at 0; undefined when base = thinking): " +
-                  ", ".join(f"{k}: {v if v is None else round(v, 3)}" for k, v in summary["gap_recovery"].items())]
-    if summary.get("stages_seconds"):
-        lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in summary["stages_seconds"].items())]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .datasets import load_problems
+from .datasets import _read_jsonl, load_problems
 from .grading import extract_answer, grade
+from .metrics import summarize
 
 __all__ = ["ResultsLog", "run_eval", "summarize", "main", "report_main", "METHODS"]
 
@@ -44,16 +45,7 @@ class ResultsLog:
         return True
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        out = []
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{n}: corrupt result line ({e})") from None
-        return out
+        return _read_jsonl(self.path) if self.path.exists() else []
 
     def done(self) -> set:
         return {(r["problem"], r["method"]) for r in self.rows()}
@@ -66,10 +58,15 @@ class ResultsLog:
             os.fsync(f.fileno())
 
 
-def _models(spec: str, seed: int):
+def _models(spec: str, seed: int, thinking: str | None = None):
+    """``tiny`` -> the bundled pair; otherwise ``spec`` is the base model and ``thinking`` the
+    thinking model (paths or hub ids; the thinking model is loaded only when given)."""
     from .pipeline_cli import _load_models
     base, tok, _ = _load_models(spec, "base", seed, None, "bf16")
-    think, _, _ = _load_models(spec, "thinking", seed, None, "bf16")
+    if spec == "tiny":
+        think, _, _ = _load_models(spec, "thinking", seed, None, "bf16")
+    else:
+        think = _load_models(thinking, "thinking", seed, None, "bf16")[0] if thinking else None
     return base, think, tok
 
 
@@ -91,6 +88,9 @@ def make_method(name: str, base, think, tok, *, max_new_tokens: int, sae=None, v
         return run
     if name == "base":
         return plain(base, base_prompt)
+    if name in ("thinking",) or name.startswith("hybrid-"):
+        if think is None:
+            raise ValueError(f"method {name} needs a thinking model (--thinking PATH)")
     if name == "thinking":
         return plain(think, lambda q: thinking_prompt(tok, q))
     if name == "low-temp":
@@ -135,9 +135,10 @@ def grade_rows(dataset, problems, outs, method, seconds):
 
 def _shard_worker(args):
     """Runs one shard in a (Ray) worker: builds models and the method, returns graded rows."""
-    (method, model, seed, dataset, problems, max_new_tokens, sae_dir, vec_dir, sl, stl, batch) = args
+    (method, model, thinking, seed, dataset, problems, max_new_tokens, sae_dir, vec_dir, sl, stl,
+     batch) = args
     from .io import load_sae, load_vectors
-    base, think, tok = _models(model, seed)
+    base, think, tok = _models(model, seed, thinking)
     fn = make_method(method, base, think, tok, max_new_tokens=max_new_tokens,
                      sae=load_sae(sae_dir) if sae_dir else None,
                      vectors=load_vectors(vec_dir) if vec_dir else None, sae_layer=sl, steer_layer=stl,
@@ -152,7 +153,7 @@ def _shard_worker(args):
 
 
 def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, limit=None, offset=0,
-             out="runs/eval", model="tiny", seed=0, max_new_tokens=64, batch_size=4, sae_dir=None,
+             out="runs/eval", model="tiny", thinking=None, seed=0, max_new_tokens=64, batch_size=4, sae_dir=None,
              vectors_dir=None, sae_layer=2, steer_layer=1, use_ray=False, workers=2,
              progress=True) -> dict:
     problems = load_problems(dataset, split, path=path, limit=limit, offset=offset)
@@ -168,14 +169,14 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, limit=Non
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         task = ray.remote(max_retries=2)(_shard_worker)
         shards = [todo[i::workers] for i in range(workers)]
-        refs = [task.remote((method, model, seed, dataset, s, max_new_tokens, sae_dir, vectors_dir,
+        refs = [task.remote((method, model, thinking, seed, dataset, s, max_new_tokens, sae_dir, vectors_dir,
                              sae_layer, steer_layer, batch_size)) for s in shards if s]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
             log.append(ray.get(ready[0]))
     elif todo:
         from .io import load_sae, load_vectors
-        base, think, tok = _models(model, seed)
+        base, think, tok = _models(model, seed, thinking)
         fn = make_method(method, base, think, tok, max_new_tokens=max_new_tokens,
                          sae=load_sae(sae_dir) if sae_dir else None,
                          vectors=load_vectors(vectors_dir) if vectors_dir else None,
@@ -196,28 +197,6 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, limit=Non
     return s
 
 
-def summarize(results):
-    from .demo import gap_recovery, wilson
-    methods = sorted({r["method"] for r in results})
-    s = {}
-    for m in methods:
-        rs = [r for r in results if r["method"] == m]
-        k = sum(bool(r["correct"]) for r in rs)
-        toks = sum(r["tokens"] for r in rs)
-        secs = sum(r.get("seconds", 0.0) for r in rs)
-        s[m] = dict(n=len(rs), accuracy=k / len(rs), ci95=wilson(k, len(rs)),
-                    unparseable=sum(r["extracted"] is None for r in rs),
-                    steered_fraction=sum(r["steered_tokens"] / max(1, r["tokens"]) for r in rs) / len(rs),
-                    steered_fraction_tokens=sum(r["steered_tokens"] for r in rs) / max(1, toks),
-                    tokens=toks, tokens_per_s=toks / secs if secs else None)
-    out = dict(methods=s)
-    if "base" in s and "thinking" in s:
-        out["gap_recovery"] = {m: gap_recovery(s[m]["accuracy"], s["base"]["accuracy"],
-                                               s["thinking"]["accuracy"])
-                               for m in s if m.startswith("hybrid")}
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="hybridfast eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,6 +207,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--model", default="tiny", help="'tiny' (bundled random pair) or a base model path")
+    ap.add_argument("--thinking", help="thinking model path (for thinking / hybrid methods)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--sae")
@@ -240,14 +220,14 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/eval")
     a = ap.parse_args(argv)
     s = run_eval(a.method, dataset=a.data, split=a.split, path=a.path, limit=a.limit, offset=a.offset,
-                 out=a.out, model=a.model, seed=a.seed, max_new_tokens=a.max_new_tokens,
+                 out=a.out, model=a.model, thinking=a.thinking, seed=a.seed, max_new_tokens=a.max_new_tokens,
                  batch_size=a.batch_size, sae_dir=a.sae, vectors_dir=a.vectors, sae_layer=a.sae_layer,
                  steer_layer=a.steer_layer, use_ray=a.ray, workers=a.workers)
     print(json.dumps(s["methods"].get(a.method, {})))
 
 
 def report_main(argv=None):
-    from .demo import report_markdown
+    from .metrics import report_markdown
     ap = argparse.ArgumentParser(prog="hybridfast report")
     ap.add_argument("run_dir")
     a = ap.parse_args(argv)
@@ -255,5 +235,8 @@ def report_main(argv=None):
     if not rows:
         raise SystemExit(f"{a.run_dir}: no results.jsonl rows")
     s = summarize(rows)
-    (Path(a.run_dir) / "report.md").write_text(report_markdown(s))
+    from .plots import bar_svg
+    (Path(a.run_dir) / "accuracy.svg").write_text(
+        bar_svg({m: r["accuracy"] for m, r in s["methods"].items()}, "accuracy by method"))
+    (Path(a.run_dir) / "report.md").write_text(report_markdown(s) + "\n![accuracy](accuracy.svg)\n")
     print(Path(a.run_dir) / "report.md")

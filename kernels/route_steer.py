@@ -14,6 +14,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _centred_x(x_ptr, xmean_ptr, b, s_xb, s_xd, rs, rm, HAS_MEAN: tl.constexpr):
+    u = tl.load(x_ptr + b * s_xb + rs * s_xd, mask=rm, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        u -= tl.load(xmean_ptr + rs, mask=rm, other=0.0).to(tl.float32)
+    return u
+
+
+@triton.jit
 def _route_steer_kernel(
     h_ptr, x_ptr, w_ptr, benc_ptr, bdec_ptr, v_ptr, bias_ptr, xmean_ptr, coef_ptr, coefs_ptr,
     out_ptr, cat_ptr,
@@ -30,19 +38,14 @@ def _route_steer_kernel(
         ss = tl.zeros([BLOCK_R], dtype=tl.float32)
         for r0 in range(0, d_r, BLOCK_R):
             rs = r0 + tl.arange(0, BLOCK_R)
-            rm = rs < d_r
-            u = tl.load(x_ptr + b * s_xb + rs * s_xd, mask=rm, other=0.0).to(tl.float32)
-            if HAS_MEAN:
-                u -= tl.load(xmean_ptr + rs, mask=rm, other=0.0).to(tl.float32)
+            u = _centred_x(x_ptr, xmean_ptr, b, s_xb, s_xd, rs, rs < d_r, HAS_MEAN)
             ss += u * u
         inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), 1e-12)
     z = tl.zeros([BLOCK_K], dtype=tl.float32)
     for r0 in range(0, d_r, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         rm = rs < d_r
-        u = tl.load(x_ptr + b * s_xb + rs * s_xd, mask=rm, other=0.0).to(tl.float32)
-        if HAS_MEAN:
-            u -= tl.load(xmean_ptr + rs, mask=rm, other=0.0).to(tl.float32)
+        u = _centred_x(x_ptr, xmean_ptr, b, s_xb, s_xd, rs, rm, HAS_MEAN)
         if NORMALIZE:
             u = u * inv
         u -= tl.load(bdec_ptr + rs, mask=rm, other=0.0).to(tl.float32)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from hybridfast.eval import ResultsLog, run_eval, summarize
+from hybridfast.eval import ResultsLog, run_eval
+from hybridfast.metrics import summarize
 
 ARGS = ["--method", "base", "--limit", "6", "--batch-size", "1", "--max-new-tokens", "24"]
 

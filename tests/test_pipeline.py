@@ -15,13 +15,16 @@ def test_demo_runs_end_to_end(tmp_path):
     s = run_demo(tmp_path / "demo", n_train=12, n_eval=2, max_new_tokens=24, progress=False)
     assert set(s["methods"]) == {"base", "thinking", "hybrid-paper", "hybrid-routed", "power-mh", "power-smc"}
     for name in ("traces.jsonl", "results.jsonl", "summary.json", "report.md", "traces.html",
-                 "sae/sae.safetensors", "sae/taxonomy.json", "vectors/vectors.safetensors"):
+                 "sae/sae.safetensors", "sae/taxonomy.json", "vectors/vectors.safetensors",
+                 "accuracy.svg", "category_usage.svg", "acceptance.svg"):
         assert (tmp_path / "demo" / name).exists(), name
     rows = [json.loads(x) for x in (tmp_path / "demo" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all({"problem", "method", "output", "correct", "tokens"} <= set(r) for r in rows)
     assert s["methods"]["hybrid-paper"]["steered_fraction"] > 0
     html = (tmp_path / "demo" / "traces.html").read_text()
     assert "class='s'" in html and "title='idx" in html
+    svg = (tmp_path / "demo" / "acceptance.svg").read_text()
+    assert svg.startswith("<svg") and "<polyline" in svg
 
 
 def test_discover_and_train_vectors_cli(tmp_path):

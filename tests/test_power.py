@@ -152,3 +152,22 @@ def test_seeded_and_bad_input():
         PowerSampler(m, alpha=0.5)
     with pytest.raises(ValueError, match="method must be"):
         PowerSampler(m, method="gibbs")
+
+
+def test_power_sample_cli_resumes(tmp_path):
+    import json
+    import subprocess
+    import sys
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(dict(id=f"p{i}", question=f"What is {i} + {i}?")) + "\n" for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "hybridfast.cli", "power-sample", str(inp), str(out), "--block-size", "4",
+           "--n-mcmc", "1", "--max-new-tokens", "8", "--batch", "2", "--dtype", "fp32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in rows] == ["p0", "p1", "p2"] and all(len(x["ids"]) == len(x["logp"]) for x in rows)
+    out.write_text("".join(json.dumps(x) + "\n" for x in rows[:1]))      # lose the last two
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "2 sampled, 1 already done" in r.stdout
+    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ["p0", "p1", "p2"]
