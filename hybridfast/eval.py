@@ -21,7 +21,8 @@ from .metrics import summarize
 
 __all__ = ["ResultsLog", "run_eval", "summarize", "main", "report_main", "METHODS"]
 
-METHODS = ("base", "thinking", "low-temp", "hybrid-paper", "hybrid-routed", "power-mh", "power-smc")
+METHODS = ("base", "thinking", "low-temp", "hybrid-paper", "hybrid-routed", "power-mh", "power-smc",
+           "power-hybrid")
 
 
 class ResultsLog:
@@ -71,11 +72,14 @@ def _models(spec: str, seed: int, thinking: str | None = None):
 
 
 def make_method(name: str, base, think, tok, *, max_new_tokens: int, sae=None, vectors=None,
-                sae_layer: int = 2, steer_layer: int = 1, seed: int = 0):
+                sae_layer: int = 2, steer_layer: int = 1, seed: int = 0, base_template=None):
     """A callable ``problems -> [dict(output, tokens, steered_tokens)]`` for method ``name``."""
     from .engine import Engine
-    from .prompts import base_prompt, power_prompt, thinking_prompt
+    from .prompts import base_prompt, power_prompt, thinking_prompt  # noqa: F811
     enc = lambda ps: [tok(p, add_special_tokens=False)["input_ids"] for p in ps]  # noqa: E731
+    if base_template is not None:
+        from .prompts import base_prompt as _bp
+        base_prompt = lambda q: _bp(q, base_template)  # noqa: E731
     eos = tok.eos_token_id
 
     def plain(model, prompt_fn, temperature=0.0):
@@ -88,6 +92,22 @@ def make_method(name: str, base, think, tok, *, max_new_tokens: int, sae=None, v
         return run
     if name == "base":
         return plain(base, base_prompt)
+    if name == "power-hybrid":       # power sampling of the routed hybrid model
+        from .hybrid import HybridModel
+        from .power import PowerSampler
+        if sae is None or vectors is None or think is None:
+            raise ValueError("method power-hybrid needs --thinking (unless tiny), --sae and --vectors")
+        hm = HybridModel(base, think, sae, vectors, sae_layer=sae_layer, steer_layer=steer_layer,
+                         mode="routed", base_tokenizer=tok, thinking_tokenizer=tok)
+        ps = PowerSampler(base, alpha=4.0, block_size=max(1, max_new_tokens // 4), n_mcmc=2,
+                          max_new_tokens=max_new_tokens, tokenizer=tok, eos_token_id=eos, steer=hm)
+
+        def run(problems):
+            res = ps.sample(enc([power_prompt(p["question"]) for p in problems]),
+                            thinking_prompts=[thinking_prompt(tok, p["question"]) for p in problems],
+                            generator=torch.Generator().manual_seed(seed))
+            return [dict(output=r.text, tokens=len(r.ids), steered_tokens=0) for r in res]
+        return run
     if name in ("thinking",) or name.startswith("hybrid-"):
         if think is None:
             raise ValueError(f"method {name} needs a thinking model (--thinking PATH)")
@@ -136,13 +156,13 @@ def grade_rows(dataset, problems, outs, method, seconds):
 def _shard_worker(args):
     """Runs one shard in a (Ray) worker: builds models and the method, returns graded rows."""
     (method, model, thinking, seed, dataset, problems, max_new_tokens, sae_dir, vec_dir, sl, stl,
-     batch) = args
+     batch, base_template) = args
     from .io import load_sae, load_vectors
     base, think, tok = _models(model, seed, thinking)
     fn = make_method(method, base, think, tok, max_new_tokens=max_new_tokens,
                      sae=load_sae(sae_dir) if sae_dir else None,
                      vectors=load_vectors(vec_dir) if vec_dir else None, sae_layer=sl, steer_layer=stl,
-                     seed=seed)
+                     seed=seed, base_template=base_template)
     rows = []
     for i in range(0, len(problems), batch):
         chunk = problems[i: i + batch]
@@ -152,11 +172,12 @@ def _shard_worker(args):
     return rows
 
 
-def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, limit=None, offset=0,
+def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False, base_template=None,
+             limit=None, offset=0,
              out="runs/eval", model="tiny", thinking=None, seed=0, max_new_tokens=64, batch_size=4, sae_dir=None,
              vectors_dir=None, sae_layer=2, steer_layer=1, use_ray=False, workers=2,
              progress=True) -> dict:
-    problems = load_problems(dataset, split, path=path, limit=limit, offset=offset)
+    problems = load_problems(dataset, split, path=path, limit=limit, offset=offset, hf=hf)
     log = ResultsLog(Path(out) / "results.jsonl")
     done = log.done()
     todo = [p for p in problems if (p["id"], method) not in done]
@@ -170,7 +191,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, limit=Non
         task = ray.remote(max_retries=2)(_shard_worker)
         shards = [todo[i::workers] for i in range(workers)]
         refs = [task.remote((method, model, thinking, seed, dataset, s, max_new_tokens, sae_dir, vectors_dir,
-                             sae_layer, steer_layer, batch_size)) for s in shards if s]
+                             sae_layer, steer_layer, batch_size, base_template)) for s in shards if s]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
             log.append(ray.get(ready[0]))
@@ -180,7 +201,8 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, limit=Non
         fn = make_method(method, base, think, tok, max_new_tokens=max_new_tokens,
                          sae=load_sae(sae_dir) if sae_dir else None,
                          vectors=load_vectors(vectors_dir) if vectors_dir else None,
-                         sae_layer=sae_layer, steer_layer=steer_layer, seed=seed)
+                         sae_layer=sae_layer, steer_layer=steer_layer, seed=seed,
+                         base_template=base_template)
         it = range(0, len(todo), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -204,6 +226,8 @@ def main(argv=None):
     ap.add_argument("--data", default="gsm8k", choices=["gsm8k", "math500"])
     ap.add_argument("--split", default="test")
     ap.add_argument("--path", help="a JSONL file instead of the bundled/shared copy")
+    ap.add_argument("--hf", action="store_true", help="load the dataset with `datasets` (network)")
+    ap.add_argument("--base-template", help="override the base task prompt (must contain {q})")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--model", default="tiny", help="'tiny' (bundled random pair) or a base model path")
@@ -219,7 +243,10 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="runs/eval")
     a = ap.parse_args(argv)
-    s = run_eval(a.method, dataset=a.data, split=a.split, path=a.path, limit=a.limit, offset=a.offset,
+    if a.base_template is not None and "{q}" not in a.base_template:
+        raise SystemExit(f"--base-template must contain {{q}}: {a.base_template!r}")
+    s = run_eval(a.method, dataset=a.data, split=a.split, path=a.path, hf=a.hf,
+                 base_template=a.base_template, limit=a.limit, offset=a.offset,
                  out=a.out, model=a.model, thinking=a.thinking, seed=a.seed, max_new_tokens=a.max_new_tokens,
                  batch_size=a.batch_size, sae_dir=a.sae, vectors_dir=a.vectors, sae_layer=a.sae_layer,
                  steer_layer=a.steer_layer, use_ray=a.ray, workers=a.workers)

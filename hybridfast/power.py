@@ -95,7 +95,14 @@ class PowerSampler:
         if not 0 < ess_threshold <= 1:
             raise ValueError(f"ess_threshold must be in (0, 1], got {ess_threshold}")
         if steer is not None:
-            raise NotImplementedError("steer= (power-sampling a HybridModel) is not implemented yet")
+            if getattr(steer, "mode", None) != "routed":
+                raise ValueError("steer= takes a HybridModel in routed mode (its steering is applied "
+                                 "inside every forward pass of the sampled model)")
+            if steer.base.hf is not model:
+                raise ValueError("steer=: the HybridModel's base model must be the sampled model")
+            if method == "smc":
+                raise NotImplementedError("steer= is supported with method='mh' only")
+        self.steer = steer
         self.hf = model
         self.m = DecoderModel(model)
         self.alpha, self.block_size, self.n_mcmc = float(alpha), int(block_size), int(n_mcmc)
@@ -126,16 +133,64 @@ class PowerSampler:
         return ops.sample_logprobs(logits, temperature, top_k=self.top_k, generator=gen,
                                    check_nan=False)
 
-    def _prefill(self, cache, tokens, n_tokens):
-        """Encode ``tokens[b, :n_tokens[b]]`` into ``cache`` from slot 0 (one parallel pass)."""
+    def _prefill(self, cache, tokens, n_tokens, st=None, tcache=None):
+        """Encode ``tokens[b, :n_tokens[b]]`` into ``cache`` from slot 0 (one parallel pass) and
+        return the logits at each row's last position. With ``steer=`` the thinking model encodes
+        its own prompt plus the same generated tokens (``st["tt"]``) up to ``sae_layer``, and every
+        position from the last prompt position on is steered by ``route_steer`` (as it was when
+        generated)."""
         m = self.m
         S = int(n_tokens.max())
+        B = tokens.shape[0]
+        rows = torch.arange(B, device=tokens.device)
         pos, slots, mask = m.prefill_plan(n_tokens, S, cache, S)
-        h = m.run(m.embed(tokens[:, :S]), pos, slots, mask, cache, S, 0, m.n_layers)
-        last = (n_tokens - 1).clamp_min(0)
-        return m.logits(h[torch.arange(h.shape[0], device=h.device), last])
+        h = m.embed(tokens[:, :S])
+        if self.steer is None:
+            h = m.run(h, pos, slots, mask, cache, S, 0, m.n_layers)
+            return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
+        hm, mt = self.steer, self.steer.thinking.m
+        gen_len = n_tokens - st["P"]
+        tn = st["Pt"] + gen_len
+        St = int(tn.max())
+        tpos, tslots, tmask = mt.prefill_plan(tn, St, tcache, St)
+        xt = mt.run(mt.embed(st["tt"][:, :St]), tpos, tslots, tmask, tcache, St, 0, hm.sae_layer + 1)
+        L = hm.steer_layer
+        h = m.run(h, pos, slots, mask, cache, S, 0, L)
+        j = torch.arange(S, device=tokens.device)[None, :]
+        k = j - (st["P"][:, None] - 1)                    # offset from the last prompt position
+        valid = (k >= 0) & (j < n_tokens[:, None])
+        tj = (st["Pt"][:, None] - 1 + k).clamp(0, St - 1)
+        x = xt[rows[:, None], tj]
+        out, _ = hm._route(h.reshape(B * S, -1), x.reshape(B * S, -1), False)
+        h = torch.where(valid[..., None], out.view_as(h), h)
+        h = m.run(h, pos, slots, mask, cache, S, L, m.n_layers)
+        return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
 
-    def _decode(self, st, cache, L, cap, max_steps, gen, first_logits=None):
+    def _forward_one(self, cache, st, L, tcache=None):
+        """Logits after feeding each row's last token (position ``P + L - 1``); steered when
+        ``steer=`` is set (the thinking model reads the same token at its own position)."""
+        m = self.m
+        P = st["P"]
+        rows = torch.arange(L.shape[0], device=L.device)
+        cache.lengths.copy_(P + L - 1)
+        span = int(st["tokens"].shape[1])
+        pos, slots, mask = m.decode_plan(cache, 0, span)
+        h = m.embed(st["tokens"][rows, P + L - 1][:, None])
+        if self.steer is None:
+            h = m.run(h, pos, slots, mask, cache, span, 0, m.n_layers)
+            return m.logits(h[:, 0])
+        hm, mt = self.steer, self.steer.thinking.m
+        tcache.lengths.copy_(st["Pt"] + L - 1)
+        tspan = int(st["tt"].shape[1])
+        tpos, tslots, tmask = mt.decode_plan(tcache, 0, tspan)
+        x = mt.run(mt.embed(st["tt"][rows, st["Pt"] + L - 1][:, None]), tpos, tslots, tmask, tcache,
+                   tspan, 0, hm.sae_layer + 1)[:, 0]
+        h = m.run(h, pos, slots, mask, cache, span, 0, hm.steer_layer)
+        h, _ = hm._route(h[:, 0], x, False)
+        h = m.run(h[:, None], pos, slots, mask, cache, span, hm.steer_layer, m.n_layers)
+        return m.logits(h[:, 0])
+
+    def _decode(self, st, cache, L, cap, max_steps, gen, first_logits=None, tcache=None):
         """Extend rows of state ``st`` (tokens/lp/lq/eos) from gen length ``L`` until EOS or
         ``cap``. Returns ``(L, forwards)`` with forwards a device scalar."""
         m = self.m
@@ -150,17 +205,15 @@ class PowerSampler:
             if first_logits is not None and t == 0:
                 logits = first_logits
             else:
-                cache.lengths.copy_(P + L - 1)
-                tok_in = st["tokens"][rows, P + L - 1]
-                span = int(st["tokens"].shape[1])
-                pos, slots, mask = m.decode_plan(cache, 0, span)
-                h = m.run(m.embed(tok_in[:, None]), pos, slots, mask, cache, span, 0, m.n_layers)
-                logits = m.logits(h[:, 0])
+                logits = self._forward_one(cache, st, L, tcache)
                 fw += active.sum()
             tok, lp, lq = self._sample(logits, temp, gen)
             idx = (P + L).clamp_max(st["tokens"].shape[1] - 1)
             gi = L.clamp_max(st["lp"].shape[1] - 1)
             st["tokens"][rows, idx] = torch.where(active, tok, st["tokens"][rows, idx])
+            if "tt" in st:
+                ti = (st["Pt"] + L).clamp_max(st["tt"].shape[1] - 1)
+                st["tt"][rows, ti] = torch.where(active, tok, st["tt"][rows, ti])
             st["lp"][rows, gi] = torch.where(active, lp, st["lp"][rows, gi])
             st["lq"][rows, gi] = torch.where(active, lq, st["lq"][rows, gi])
             st["eos"] = st["eos"] | (active & torch.isin(tok, eos))
@@ -172,20 +225,31 @@ class PowerSampler:
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
-    def sample(self, prompts, *, n_chains: int = 1, generator: Optional[torch.Generator] = None):
+    def sample(self, prompts, *, n_chains: int = 1, generator: Optional[torch.Generator] = None,
+               thinking_prompts=None):
         """Power-sample every prompt (``n_chains`` independent chains each for MH; for SMC one
-        selected particle per prompt and chain). Returns a list of :class:`PowerResult`."""
+        selected particle per prompt and chain). With ``steer=``, ``thinking_prompts`` gives the
+        thinking model's prompt per problem. Returns a list of :class:`PowerResult`."""
         pr = self._encode(prompts)
         rows = [i for i in range(len(pr)) for _ in range(n_chains)]
+        tp = None
+        if self.steer is not None:
+            if thinking_prompts is None or len(thinking_prompts) != len(pr):
+                raise ValueError("steer= needs one thinking prompt per prompt (thinking_prompts=)")
+            tp = self.steer._encode(list(thinking_prompts), self.steer.tok_t)
+            for i, p in enumerate(tp):
+                if not p:
+                    raise ValueError(f"thinking prompt {i} is empty")
+            tp = [tp[i] for i in rows]
         if generator is None:
             generator = torch.Generator(device=self.m.device).manual_seed(
                 int(torch.randint(0, 2**62, (1,)).item()))
         if self.method == "smc":
             return self._smc([pr[i] for i in rows], rows, generator)
-        return self._mh([pr[i] for i in rows], rows, generator)
+        return self._mh([pr[i] for i in rows], rows, generator, tp)
 
     # ------------------------------------------------------------------ MH
-    def _mh(self, prompts, prompt_index, gen):
+    def _mh(self, prompts, prompt_index, gen, thinking_prompts=None):
         t0 = time.perf_counter()
         m, dev = self.m, self.m.device
         N, T = len(prompts), self.max_new_tokens
@@ -198,6 +262,17 @@ class PowerSampler:
         cur["tokens"][:, : ids.shape[1]] = ids
         cache = m.new_cache(N, width)
         pcache = m.new_cache(N, width)
+        tcache = tpcache = None
+        if self.steer is not None:
+            mt = self.steer.thinking.m
+            tids, Pt = pad_prompts(thinking_prompts, pad, dev)
+            twidth = tids.shape[1] + T + 1
+            cur["tt"] = torch.full((N, twidth), pad, dtype=torch.int64, device=dev)
+            cur["tt"][:, : tids.shape[1]] = tids
+            cur["Pt"] = Pt
+            tcache = mt.new_cache(N, twidth, layers=self.steer.sae_layer + 1)
+            tpcache = mt.new_cache(N, twidth, layers=self.steer.sae_layer + 1)
+        caches = [(cache, pcache)] + ([(tcache, tpcache)] if tcache is not None else [])
         L = torch.zeros(N, dtype=torch.int64, device=dev)
         fw = torch.zeros((), dtype=torch.int64, device=dev)
         decoded = torch.zeros((), dtype=torch.int64, device=dev)
@@ -213,11 +288,12 @@ class PowerSampler:
             # ---- extend every live chain by up to one block
             L0 = L.clone()
             if self.reuse and k > 0:
-                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, gen)
+                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, gen, tcache=tcache)
             else:  # first block (prompt prefill), or recompute: encode prompt + prefix
-                first = self._prefill(cache, cur["tokens"], P + L)
+                first = self._prefill(cache, cur["tokens"], P + L, cur, tcache)
                 fw += torch.where(live, P + L, 0).sum()
-                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, gen, first_logits=first)
+                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, gen, first_logits=first,
+                                    tcache=tcache)
             fw += f
             decoded += (L - L0).sum()
             prev_cap = cap
@@ -228,17 +304,21 @@ class PowerSampler:
                 mi = torch.where(live, mi, L)
                 prop = dict(P=P, tokens=cur["tokens"].clone(), lp=cur["lp"].clone(),
                             lq=cur["lq"].clone(), eos=cur["eos"] & ~live)
+                if "tt" in cur:
+                    prop["tt"], prop["Pt"] = cur["tt"].clone(), cur["Pt"]
                 pcap = torch.where(live, torch.full_like(L, cap), L)
                 max_steps = int((pcap - mi).max())
                 if self.reuse:
-                    for a, b in zip(pcache.k + pcache.v, cache.k + cache.v):
-                        a.copy_(b)
+                    for c, pc in caches:
+                        for a, b in zip(pc.k + pc.v, c.k + c.v):
+                            a.copy_(b)
                     # re-feeds the token before m (its logits predict position m)
-                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen)
+                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen, tcache=tpcache)
                 else:
-                    first = self._prefill(pcache, prop["tokens"], P + mi)
+                    first = self._prefill(pcache, prop["tokens"], P + mi, prop, tpcache)
                     fw += torch.where(live, P + mi, 0).sum()
-                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen, first_logits=first)
+                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen, first_logits=first,
+                                         tcache=tpcache)
                 fw += f
                 decoded += (Lp - mi).sum()
                 # ---- acceptance over the whole suffixes of both states
@@ -255,14 +335,15 @@ class PowerSampler:
                 n_prop += live.long()
                 n_acc += acc.long()
                 trace.append((mi, L, Lp, acc))
-                for key in ("tokens", "lp", "lq", "eos"):
+                for key in ("tokens", "lp", "lq", "eos") + (("tt",) if "tt" in cur else ()):
                     a = acc.view(-1, *([1] * (cur[key].ndim - 1)))
                     cur[key] = torch.where(a, prop[key], cur[key])
                 L = torch.where(acc, Lp, L)
                 if self.reuse:
                     a = acc.view(-1, 1, 1, 1)
-                    for x, y in zip(cache.k + cache.v, pcache.k + pcache.v):
-                        torch.where(a, y, x, out=x)
+                    for c, pc in caches:
+                        for x, y in zip(c.k + c.v, pc.k + pc.v):
+                            torch.where(a, y, x, out=x)
             if bool(cur["eos"].all()):
                 break
         Lc = L.cpu()

@@ -171,3 +171,29 @@ def test_power_sample_cli_resumes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "2 sampled, 1 already done" in r.stdout
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ["p0", "p1", "p2"]
+
+
+def test_power_sampling_the_hybrid_model():
+    import sys as _s
+    _s.path.insert(0, __import__("os").path.dirname(__file__))
+    from helpers import pair, router_and_vectors
+    from hybridfast import HybridModel
+    base, think = pair("qwen2")
+    sae, vec = router_and_vectors(64, 64)
+    prompts, tprompts = [[5, 6, 7], [8, 9, 10, 11]], [[3, 4], [20, 21, 22]]
+    kw = dict(alpha=4, block_size=4, n_mcmc=3, max_new_tokens=12, eos_token_id=-1)
+
+    def run(coef, reuse=True):
+        hm = HybridModel(base, think, sae, vec, sae_layer=2, steer_layer=1, mode="routed",
+                         coefficients=coef, threshold=-1e9)
+        ps = PowerSampler(base, steer=hm, reuse=reuse, **kw)
+        return [r.ids for r in ps.sample(prompts, thinking_prompts=tprompts, n_chains=2,
+                                         generator=torch.Generator().manual_seed(9))]
+    plain = [r.ids for r in PowerSampler(base, **kw).sample(prompts, n_chains=2,
+                                                            generator=torch.Generator().manual_seed(9))]
+    assert run(0.0) == plain                 # zero coefficients: exactly the unsteered sampler
+    steered = run(2.0)
+    assert steered != plain                  # steering changes the chains
+    assert run(2.0, reuse=False) == steered  # and KV reuse is exact under steering too
+    with pytest.raises(ValueError, match="routed mode"):
+        PowerSampler(base, steer=HybridModel(base, think, sae, vec, sae_layer=2, steer_layer=1))
