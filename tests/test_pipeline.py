@@ -10,9 +10,14 @@ import torch
 from hybridfast.grading import extract_answer, grade, last_boxed
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    from hybridfast.demo import run_demo
-    s = run_demo(tmp_path / "demo", n_train=12, n_eval=2, max_new_tokens=24, progress=False)
+def test_demo_command_runs_end_to_end(tmp_path):
+    """`hybridfast demo` (the README's main command), through the CLI, smaller sizes."""
+    r = subprocess.run([sys.executable, "-m", "hybridfast.cli", "demo", "--out", str(tmp_path / "demo"),
+                        "--n-train", "12", "--n-eval", "2", "--max-new-tokens", "24"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "report:" in r.stdout
+    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(s["methods"]) == {"base", "thinking", "hybrid-paper", "hybrid-routed", "power-mh", "power-smc"}
     for name in ("traces.jsonl", "results.jsonl", "summary.json", "report.md", "traces.html",
                  "sae/sae.safetensors", "sae/taxonomy.json", "vectors/vectors.safetensors",
