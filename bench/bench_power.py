@@ -57,14 +57,16 @@ def main(argv=None):
                                max_new_tokens=a.T, eos_token_id=-1, generator=torch.Generator().manual_seed(1))
         record("official_generate_recompute", 1, 1, time.perf_counter() - t0, st["decoded_tokens"],
                st["token_forwards"])
-    for B, reuse in [(1, False), (1, True)] + [(c, True) for c in a.chains]:
-        ps = PowerSampler(model, reuse=reuse, **kw)
+    runs = [(1, False, "keep"), (1, True, "keep"), (1, True, "reprefill")]
+    runs += [(c, True, rj) for c in a.chains for rj in ("keep", "reprefill")]
+    for B, reuse, rj in runs:
+        ps = PowerSampler(model, reuse=reuse, reject=rj, **kw)
         ps.sample([prompt], n_chains=B, generator=gen())  # warm-up
         t0 = time.perf_counter()
         ps.sample([prompt], n_chains=B, generator=gen())
         dt = time.perf_counter() - t0
-        record(f"mh_{'reuse' if reuse else 'recompute'}", B, B, dt, ps.last_stats["decoded_tokens"],
-               ps.last_stats["token_forwards"])
+        name = "mh_recompute" if not reuse else ("mh_reuse" if rj == "keep" else "mh_reuse_reprefill")
+        record(name, B, B, dt, ps.last_stats["decoded_tokens"], ps.last_stats["token_forwards"])
     for B in a.chains:
         eng = Engine(model)
         eng.generate([prompt] * B, a.T, temperature=1 / a.alpha, eos_token_id=-1, generator=gen())
@@ -87,6 +89,9 @@ def main(argv=None):
     for c in a.chains:
         ratios[f"mh_B{c}_per_decoded_token_vs_plain_decode"] = \
             by[("plain_decode", c)]["decoded_tok_s"] / by[("mh_reuse", c)]["decoded_tok_s"]
+    for c in [1] + a.chains:
+        ratios[f"reject_keep_vs_reprefill_time_B{c}"] = \
+            by[("mh_reuse_reprefill", c)]["seconds"] / by[("mh_reuse", c)]["seconds"]
     ratios["reuse_vs_recompute_token_forwards_B1"] = \
         by[("mh_recompute", 1)]["token_forwards"] / by[("mh_reuse", 1)]["token_forwards"]
     expected = dict(reuse=expected_mh_token_forwards(a.T, a.block, a.n_mcmc, a.prompt_len),

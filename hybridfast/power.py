@@ -82,7 +82,8 @@ class PowerSampler:
 
     def __init__(self, model, *, alpha: float = 4.0, block_size: int = 192, n_mcmc: int = 10,
                  max_new_tokens: int = 3072, top_k: Optional[int] = None, method: str = "mh",
-                 reuse: bool = True, official: bool = False, n_particles: int = 16,
+                 reuse: bool = True, reject: str = "keep", official: bool = False,
+                 n_particles: int = 16,
                  ess_threshold: float = 0.5, alpha_ramp: int = 0, tokenizer=None,
                  eos_token_id=None, steer=None, sync_every: int = 16):
         if method not in ("mh", "smc"):
@@ -103,6 +104,11 @@ class PowerSampler:
             if method == "smc":
                 raise NotImplementedError("steer= is supported with method='mh' only")
         self.steer = steer
+        if reject not in ("keep", "reprefill"):
+            raise ValueError(f"reject must be 'keep' or 'reprefill', got {reject!r}")
+        if reject == "reprefill" and steer is not None:
+            raise NotImplementedError("reject='reprefill' is not supported with steer=")
+        self.reject = reject
         self.hf = model
         self.m = DecoderModel(model)
         self.alpha, self.block_size, self.n_mcmc = float(alpha), int(block_size), int(n_mcmc)
@@ -165,6 +171,23 @@ class PowerSampler:
         h = torch.where(valid[..., None], out.view_as(h), h)
         h = m.run(h, pos, slots, mask, cache, S, L, m.n_layers)
         return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
+
+    def _extend(self, cache, tokens, start, n):
+        """Re-encode ``tokens[b, start_b : start_b + n_b]`` into ``cache`` in one parallel pass
+        (rows with ``n_b = 0`` write only beyond their valid slots). Returns token-forwards."""
+        S = int(n.max())
+        if S == 0:
+            return 0
+        m = self.m
+        width = tokens.shape[1]
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        pos = (start[:, None] + torch.arange(S, device=tokens.device)[None, :]).clamp_max(width - 1)
+        slots = pos + cache.scratch
+        j = torch.arange(width + cache.scratch, device=tokens.device)[None, None, :]
+        mask = ((j >= cache.scratch) & (j <= slots[:, :, None]))[:, None]
+        m.run(m.embed(tokens[rows[:, None], pos]), pos, slots, mask, cache, width + cache.scratch, 0,
+              m.n_layers)
+        return int(n.sum())
 
     def _forward_one(self, cache, st, L, tcache=None):
         """Logits after feeding each row's last token (position ``P + L - 1``); steered when
@@ -261,7 +284,8 @@ class PowerSampler:
                    eos=torch.zeros(N, dtype=torch.bool, device=dev))
         cur["tokens"][:, : ids.shape[1]] = ids
         cache = m.new_cache(N, width)
-        pcache = m.new_cache(N, width)
+        in_place = self.reuse and self.reject == "reprefill"
+        pcache = cache if in_place else m.new_cache(N, width)
         tcache = tpcache = None
         if self.steer is not None:
             mt = self.steer.thinking.m
@@ -309,9 +333,10 @@ class PowerSampler:
                 pcap = torch.where(live, torch.full_like(L, cap), L)
                 max_steps = int((pcap - mi).max())
                 if self.reuse:
-                    for c, pc in caches:
-                        for a, b in zip(pc.k + pc.v, c.k + c.v):
-                            a.copy_(b)
+                    if not in_place:
+                        for c, pc in caches:
+                            for a, b in zip(pc.k + pc.v, c.k + c.v):
+                                a.copy_(b)
                     # re-feeds the token before m (its logits predict position m)
                     Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen, tcache=tpcache)
                 else:
@@ -338,8 +363,15 @@ class PowerSampler:
                 for key in ("tokens", "lp", "lq", "eos") + (("tt",) if "tt" in cur else ()):
                     a = acc.view(-1, *([1] * (cur[key].ndim - 1)))
                     cur[key] = torch.where(a, prop[key], cur[key])
+                if in_place:
+                    # the proposal overwrote the tail in place: re-encode the kept old suffix of
+                    # rejected chains (tokens fed at P+m-1 .. P+L-2) in one parallel pass
+                    rej = live & ~acc
+                    Lnew = torch.where(acc, Lp, L)
+                    start = torch.where(rej, P + mi - 1, P + Lnew - 1).clamp_min(0)
+                    fw += self._extend(cache, cur["tokens"], start, torch.where(rej, L - mi, 0))
                 L = torch.where(acc, Lp, L)
-                if self.reuse:
+                if self.reuse and not in_place:
                     a = acc.view(-1, 1, 1, 1)
                     for c, pc in caches:
                         for x, y in zip(c.k + c.v, pc.k + pc.v):

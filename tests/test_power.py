@@ -130,6 +130,13 @@ def test_reuse_and_recompute_same_chains_and_counts():
     assert b.last_stats["token_forwards"] == exp
     acc = [r.stats["acceptance_rate"] for r in ra]
     assert all(0 < x < 1 for x in acc)
+    # rejection by re-encoding the old suffix in place (no cache copies): same chains, and the
+    # extra token-forwards are exactly the rejected proposals' old suffixes
+    c = PowerSampler(m, reject="reprefill", **kw)
+    rc = c.sample(prompts, n_chains=2, generator=torch.Generator().manual_seed(4))
+    assert [r.ids for r in rc] == [r.ids for r in ra]
+    extra = sum(int(((L - mi) * (~acc_)).sum()) for mi, L, _, acc_ in a.last_stats["trace"])
+    assert c.last_stats["token_forwards"] == a.last_stats["token_forwards"] + extra
 
 
 def test_expected_counts_formula_matches_design():
