@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--chains", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--particles", type=int, default=16)
     ap.add_argument("--skip-official", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,33 +52,38 @@ def main(argv=None):
                          decoded_tok_s=decoded / seconds))
 
     gen = lambda: torch.Generator(device=dev).manual_seed(1)  # noqa: E731
+
+    def timed(fn):
+        """Median wall time of ``a.repeats`` runs (after the caller's warm-up), last result."""
+        ts, out = [], None
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2], out
     if not a.skip_official:
-        t0 = time.perf_counter()
-        _, st = power_official(model, prompt, alpha=a.alpha, block_size=a.block, n_mcmc=a.n_mcmc,
-                               max_new_tokens=a.T, eos_token_id=-1, generator=torch.Generator().manual_seed(1))
-        record("official_generate_recompute", 1, 1, time.perf_counter() - t0, st["decoded_tokens"],
-               st["token_forwards"])
+        dt, (_, st) = timed(lambda: power_official(
+            model, prompt, alpha=a.alpha, block_size=a.block, n_mcmc=a.n_mcmc, max_new_tokens=a.T,
+            eos_token_id=-1, generator=torch.Generator().manual_seed(1)))
+        record("official_generate_recompute", 1, 1, dt, st["decoded_tokens"], st["token_forwards"])
     runs = [(1, False, "keep"), (1, True, "keep"), (1, True, "reprefill")]
     runs += [(c, True, rj) for c in a.chains for rj in ("keep", "reprefill")]
     for B, reuse, rj in runs:
         ps = PowerSampler(model, reuse=reuse, reject=rj, **kw)
         ps.sample([prompt], n_chains=B, generator=gen())  # warm-up
-        t0 = time.perf_counter()
-        ps.sample([prompt], n_chains=B, generator=gen())
-        dt = time.perf_counter() - t0
+        dt, _ = timed(lambda: ps.sample([prompt], n_chains=B, generator=gen()))
         name = "mh_recompute" if not reuse else ("mh_reuse" if rj == "keep" else "mh_reuse_reprefill")
         record(name, B, B, dt, ps.last_stats["decoded_tokens"], ps.last_stats["token_forwards"])
     for B in a.chains:
         eng = Engine(model)
         eng.generate([prompt] * B, a.T, temperature=1 / a.alpha, eos_token_id=-1, generator=gen())
-        t0 = time.perf_counter()
-        out = eng.generate([prompt] * B, a.T, temperature=1 / a.alpha, eos_token_id=-1, generator=gen())
-        record("plain_decode", B, B, time.perf_counter() - t0, int(out.lengths.sum()), out.token_forwards)
+        dt, out = timed(lambda: eng.generate([prompt] * B, a.T, temperature=1 / a.alpha, eos_token_id=-1,
+                                             generator=gen()))
+        record("plain_decode", B, B, dt, int(out.lengths.sum()), out.token_forwards)
     smc = PowerSampler(model, method="smc", n_particles=a.particles, **kw)
     smc.sample([prompt], generator=gen())
-    t0 = time.perf_counter()
-    smc.sample([prompt], generator=gen())
-    record(f"smc_{a.particles}_particles", a.particles, 1, time.perf_counter() - t0,
+    dt, _ = timed(lambda: smc.sample([prompt], generator=gen()))
+    record(f"smc_{a.particles}_particles", a.particles, 1, dt,
            smc.last_stats["decoded_tokens"], smc.last_stats["token_forwards"])
     by = {(r["method"], r["chains"]): r for r in rows}
     ratios = {}
