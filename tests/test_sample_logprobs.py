@@ -83,6 +83,17 @@ def test_full_qwen_vocabulary(impl, dt):
         compare(impl, logits, T, k, seed=1234)
 
 
+@pytest.mark.parametrize("T,k", [(1.0, None), (0.25, 50), (0.0, None)])
+def test_single_long_row_split_across_threads(T, k):
+    """The C++ kernel splits one long row across threads and merges partial states."""
+    logits = torch.randn(1, 152064, generator=torch.Generator().manual_seed(5)) * 4
+    logits[0, 100_000] = logits[0, 7] = logits.max() + 1   # a tie across chunks: lowest id wins
+    for seed in range(3):
+        tok, _, _ = compare("cpp", logits, T, k, seed=seed)
+    if T == 0:
+        assert tok.item() == 7
+
+
 @pytest.mark.parametrize("impl", ["torch"] + KERNELS)
 def test_greedy_ties_and_logq_zero(impl):
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
