@@ -5,6 +5,7 @@ build time). If it cannot be compiled the install still succeeds with one warnin
 ``hybridfast.ops`` reports the C++ path as unavailable.
 """
 import os
+import platform
 import sys
 import warnings
 
@@ -43,6 +44,8 @@ class OptionalBuildExt(build_ext):
 ext_modules = []
 if Pybind11Extension is not None and os.environ.get("HYBRIDFAST_NO_EXT") != "1":
     args = ["-O3", "-std=c++17"]
+    if os.environ.get("HYBRIDFAST_PORTABLE") != "1" and platform.machine() in ("x86_64", "AMD64"):
+        args.append("-march=native")  # built on the machine that runs it; HYBRIDFAST_PORTABLE=1 to skip
     link = []
     if sys.platform.startswith("linux"):
         args.append("-fopenmp")
