@@ -6,9 +6,9 @@ from hybridfast.engine import Engine
 from hybridfast.tiny import tiny_model
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "mistral"])
 def test_matches_hf_generate(family):
-    m = tiny_model(family, seed=3)
+    m = tiny_model(family, seed=3, head_dim=16)     # qwen3: q/k norms; mistral: no biases
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19], [40]]
     out = Engine(m, sync_every=4).generate(prompts, 24, eos_token_id=2)
     stopped_early = 0
