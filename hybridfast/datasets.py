@@ -7,6 +7,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from .io import read_jsonl
+
 __all__ = ["load_problems", "find_data_dir", "gsm8k_gold"]
 
 _FILES = {("gsm8k", "test"): "gsm8k/test.jsonl", ("gsm8k", "train"): "gsm8k/train.jsonl",
@@ -47,25 +49,13 @@ def _normalise(dataset: str, rows: list[dict], source: str) -> list[dict]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-    return rows
-
-
 def load_problems(dataset: str = "gsm8k", split: str = "test", *, path: str | None = None,
                   limit: int | None = None, offset: int = 0, hf: bool = False) -> list[dict]:
     """Problems as ``[{id, question, gold}]``; ``hf=True`` uses ``datasets.load_dataset``."""
     if dataset not in ("gsm8k", "math500"):
         raise ValueError(f"unknown dataset {dataset!r}; choose gsm8k or math500")
     if path is not None:
-        rows, src = _read_jsonl(Path(path)), str(path)
+        rows, src = read_jsonl(Path(path)), str(path)
     elif hf:
         import datasets
         name, cfg = _HF[dataset]
@@ -76,7 +66,7 @@ def load_problems(dataset: str = "gsm8k", split: str = "test", *, path: str | No
         if key not in _FILES:
             raise ValueError(f"no split {split!r} for {dataset}")
         if d is not None and (d / _FILES[key]).exists():
-            rows, src = _read_jsonl(d / _FILES[key]), str(d / _FILES[key])
+            rows, src = read_jsonl(d / _FILES[key]), str(d / _FILES[key])
         elif dataset == "gsm8k":
             name = f"gsm8k_{split}_sample.jsonl"
             text = resources.files("hybridfast.data").joinpath(name).read_text()

@@ -20,7 +20,7 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
     from .metrics import report_markdown, summarize
     from .grading import extract_answer, grade
     from .hybrid import HybridModel
-    from .io import load_sae, load_vectors
+    from .io import load_sae, load_vectors, write_jsonl
     from .power import PowerSampler
     from .prompts import base_prompt, power_prompt, thinking_prompt
     from .taxonomy import (build_vector_examples, discover, generate_traces, save_steering,
@@ -51,7 +51,7 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
     with stage("traces"):
         traces = generate_traces(think, tok, [p["question"] for p in train],
                                  max_new_tokens=96, batch_size=8, progress=progress)
-        (out / "traces.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
+        write_jsonl(out / "traces.jsonl", traces)
     sae_layer, steer_layer, K = 2, 1, 4
     with stage("taxonomy"):
         sae, taxonomy, ann = discover(traces, think, tok, layer=sae_layer, n_latents=K, k=3,
@@ -106,7 +106,7 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
                 add(f"power-{method}", r.prompt_index, r.text, len(r.ids),
                     seconds=ps.last_stats["seconds"] / len(pp))
     with stage("report"):
-        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+        write_jsonl(out / "results.jsonl", results)
         summary = summarize(results)
         summary["stages_seconds"] = stages
         summary["taxonomy"] = dict(metrics=taxonomy["metrics"],

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .datasets import _read_jsonl, load_problems
+from .datasets import load_problems
+from .io import read_jsonl
 from .grading import extract_answer, grade
 from .metrics import summarize
 
@@ -46,7 +47,7 @@ class ResultsLog:
         return True
 
     def rows(self) -> list[dict]:
-        return _read_jsonl(self.path) if self.path.exists() else []
+        return read_jsonl(self.path) if self.path.exists() else []
 
     def done(self) -> set:
         return {(r["problem"], r["method"]) for r in self.rows()}
@@ -75,11 +76,10 @@ def make_method(name: str, base, think, tok, *, max_new_tokens: int, sae=None, v
                 sae_layer: int = 2, steer_layer: int = 1, seed: int = 0, base_template=None):
     """A callable ``problems -> [dict(output, tokens, steered_tokens)]`` for method ``name``."""
     from .engine import Engine
-    from .prompts import base_prompt, power_prompt, thinking_prompt  # noqa: F811
+    from .prompts import BASE_TEMPLATE, power_prompt, thinking_prompt
+    from .prompts import base_prompt as _base_prompt
     enc = lambda ps: [tok(p, add_special_tokens=False)["input_ids"] for p in ps]  # noqa: E731
-    if base_template is not None:
-        from .prompts import base_prompt as _bp
-        base_prompt = lambda q: _bp(q, base_template)  # noqa: E731
+    base_prompt = lambda q: _base_prompt(q, base_template or BASE_TEMPLATE)  # noqa: E731
     eos = tok.eos_token_id
 
     def plain(model, prompt_fn, temperature=0.0):

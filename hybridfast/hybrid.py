@@ -231,7 +231,6 @@ class HybridModel:
         cb = mb.new_cache(B, int(len_b.max()) + T, scratch=C)
         ct = mt.new_cache(B, int(len_t.max()) + T)
         dev = mb.device
-        bidx = torch.arange(B, device=dev)
         # prefill: base unsteered (keep h entering block L at the last position), thinking full
         hcap = {}
         logits_b = self._prefill_capture(self.base, ids_b, len_b, cb, L, hcap)

@@ -17,7 +17,7 @@ import torch
 
 from .artifacts import SAEParams, SteeringVectors
 
-__all__ = ["atomic_write_text", "save_tensors", "load_tensors", "save_sae", "load_sae",
+__all__ = ["atomic_write_text", "read_jsonl", "write_jsonl", "save_tensors", "load_tensors", "save_sae", "load_sae",
            "save_vectors", "load_vectors"]
 
 
@@ -35,6 +35,24 @@ def atomic_write_text(path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_jsonl(path) -> list[dict]:
+    """Rows of a JSON-lines file (blank lines skipped); a bad line is reported with its number."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
+def write_jsonl(path, rows) -> None:
+    """Write rows as JSON lines, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def save_tensors(path, tensors: dict) -> None:

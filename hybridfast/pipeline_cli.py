@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .io import read_jsonl, write_jsonl
+
 
 def _load_models(spec: str, which: str, seed: int, tokenizer: str | None, dtype: str):
     """``tiny`` -> the bundled tiny pair (tokenizer trained on the bundled sample); otherwise
@@ -46,14 +48,14 @@ def discover_main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.traces:
-        traces = [json.loads(x) for x in Path(a.traces).read_text().splitlines() if x.strip()]
+        traces = read_jsonl(a.traces)
     else:
         ds = a.data if a.data in ("gsm8k", "math500") else "gsm8k"
         probs = load_problems(ds, a.split, path=None if a.data in ("gsm8k", "math500") else a.data,
                               limit=a.limit)
         traces = generate_traces(model, tok, [p["question"] for p in probs],
                                  max_new_tokens=a.max_new_tokens, progress=True)
-    (out / "traces.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
+    write_jsonl(out / "traces.jsonl", traces)
     sweep = []
     for L in a.layers:
         for K in a.K:
@@ -89,7 +91,7 @@ def train_vectors_main(argv=None):
     base, tok, mid = _load_models(a.base, "base", a.seed, a.tokenizer, a.dtype)
     sae = load_sae(a.sae)
     tpath = Path(a.traces) if a.traces else Path(a.sae).parent / "traces.jsonl"
-    traces = [json.loads(x) for x in tpath.read_text().splitlines() if x.strip()]
+    traces = read_jsonl(tpath)
     ann = read_annotations(a.sae)
     tax = json.loads((Path(a.sae) / "taxonomy.json").read_text())
     K = sae.n_latents

@@ -216,7 +216,6 @@ class PowerSampler:
     def _decode(self, st, cache, L, cap, max_steps, gen, first_logits=None, tcache=None):
         """Extend rows of state ``st`` (tokens/lp/lq/eos) from gen length ``L`` until EOS or
         ``cap``. Returns ``(L, forwards)`` with forwards a device scalar."""
-        m = self.m
         P = st["P"]
         N = L.shape[0]
         rows = torch.arange(N, device=L.device)

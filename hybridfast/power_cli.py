@@ -3,15 +3,14 @@ per finished prompt, appended as it goes; re-running skips finished ids (resumab
 from __future__ import annotations
 
 import argparse
-import json
 import zlib
-from pathlib import Path
 
 import torch
 
 
 def main(argv=None):
     from .eval import ResultsLog
+    from .io import read_jsonl
     from .pipeline_cli import _load_models
     from .power import PowerSampler
     from .prompts import power_prompt
@@ -31,7 +30,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="prompts per batch (chains advance together)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    rows = [json.loads(x) for x in Path(a.input).read_text().splitlines() if x.strip()]
+    rows = read_jsonl(a.input)
     for i, r in enumerate(rows):
         r.setdefault("id", str(i))
         if "prompt" not in r and "question" not in r:

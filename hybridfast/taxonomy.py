@@ -15,10 +15,10 @@ import torch
 from .activations import sentence_activations
 from .artifacts import SteeringVectors
 from .engine import Engine
-from .io import atomic_write_text, save_sae, save_vectors
+from .io import read_jsonl, save_sae, save_vectors, write_jsonl
 from .prompts import base_prompt, thinking_prompt
 from .sae import preprocess, taxonomy_metrics, train_topk_sae
-from .sentences import extract_thinking, split_sentences
+from .sentences import extract_thinking
 from .steering import VectorExample, train_vectors
 
 __all__ = ["generate_traces", "discover", "build_vector_examples", "train_steering_vectors",
@@ -195,12 +195,12 @@ def write_discovery(folder, sae, taxonomy, ann, traces, *, layer, model_id=None)
     rows = [dict(trace=t, index=i, text=x, start=s, category=int(c), activation=float(a))
             for t, i, x, s, c, a in zip(ann.trace, ann.index, ann.text, ann.start,
                                          ann.category.tolist(), ann.activation.tolist())]
-    atomic_write_text(folder / "sentences.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(folder / "sentences.jsonl", rows)
     return folder
 
 
 def read_annotations(folder) -> Annotated:
-    rows = [json.loads(x) for x in (Path(folder) / "sentences.jsonl").read_text().splitlines() if x]
+    rows = read_jsonl(Path(folder) / "sentences.jsonl")
     return Annotated([r["trace"] for r in rows], [r["index"] for r in rows], [r["text"] for r in rows],
                      [r["start"] for r in rows], torch.tensor([r["category"] for r in rows]),
                      torch.tensor([r["activation"] for r in rows]))

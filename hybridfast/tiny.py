@@ -63,7 +63,6 @@ def tiny_tokenizer(vocab_size: int = 384, texts=None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     if texts is None:
-        from .datasets import load_problems
         from importlib import resources
         import json as _json
         raw = resources.files("hybridfast.data").joinpath("gsm8k_train_sample.jsonl").read_text()
