@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .engine import _eos_ids
+from .engine import _eos_ids, pad_id
 
 __all__ = ["routed_generate_hooks", "paper_mode_recompute", "steering_hook"]
 
@@ -97,7 +97,7 @@ def routed_generate_hooks(base, thinking, sae, vectors, *, sae_layer, steer_laye
             with _capture(thinking, sae_layer, st), steering_hook(base, steer_layer, steer):
                 ids = base.generate(torch.tensor([pb], device=dev), max_new_tokens=max_new_tokens,
                                     do_sample=False, eos_token_id=eos or None,
-                                    pad_token_id=eos[0] if eos and eos[0] >= 0 else 0)
+                                    pad_token_id=pad_id(eos))
         finally:
             h1.remove()
         gen = ids[0, len(pb):].tolist()
@@ -182,7 +182,7 @@ def power_official(model, prompt, *, alpha=4.0, block_size=192, n_mcmc=10, max_n
         out = model.generate(ids, max_new_tokens=n, do_sample=True, temperature=1.0 / alpha,
                              top_k=top_k, output_logits=True, output_scores=True,
                              return_dict_in_generate=True, eos_token_id=eos or None,
-                             pad_token_id=eos[0] if eos and eos[0] >= 0 else 0)
+                             pad_token_id=pad_id(eos))
         new = out.sequences[0, ids.shape[1]:].tolist()
         lp = [float(torch.log_softmax(l[0].float(), -1)[t]) for l, t in zip(out.logits, new)]
         lq = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, new)]

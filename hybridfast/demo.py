@@ -18,12 +18,12 @@ __all__ = ["main", "run_demo"]
 def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=0, progress=True):
     from .datasets import load_problems
     from .metrics import report_markdown, summarize
-    from .grading import extract_answer, grade
+    from .eval import grade_rows
     from .hybrid import HybridModel
-    from .io import load_sae, load_vectors, write_jsonl
+    from .io import load_sae, load_vectors, save_vectors, write_jsonl
     from .power import PowerSampler
     from .prompts import base_prompt, power_prompt, thinking_prompt
-    from .taxonomy import (build_vector_examples, discover, generate_traces, save_steering,
+    from .taxonomy import (build_vector_examples, discover, generate_traces,
                            train_steering_vectors, write_discovery)
     from .tiny import tiny_pair, tiny_tokenizer
 
@@ -64,17 +64,15 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
         vec = train_steering_vectors(base, exs, bias_exs, K, steer_layer, epochs=4, batch_size=16,
                                      names=[c["name"] for c in taxonomy["categories"]],
                                      progress=progress, checkpoint_dir=out / "vectors-ckpt")
-        save_steering(out / "vectors", vec, steer_layer, model_id="tiny-base")
+        save_vectors(out / "vectors", vec, steer_layer=steer_layer, model_id="tiny-base")
     sae_p, vec_p = load_sae(out / "sae"), load_vectors(out / "vectors")
     bp = [base_prompt(p["question"]) for p in evalp]
     tp = [thinking_prompt(tok, p["question"]) for p in evalp]
     results = []
 
     def add(method, i, text, ntok, steered=0, seconds=0.0):
-        pred = extract_answer("gsm8k", text)
-        results.append(dict(problem=evalp[i]["id"], method=method, output=text, extracted=pred,
-                            correct=grade("gsm8k", pred, evalp[i]["gold"]), tokens=ntok,
-                            steered_tokens=steered, seconds=seconds))
+        results.extend(grade_rows("gsm8k", [evalp[i]], [dict(output=text, tokens=ntok,
+                                                             steered_tokens=steered)], method, seconds))
 
     from .engine import Engine
     with stage("baselines"):

@@ -20,7 +20,7 @@ import torch
 from . import ops
 from .model import DecoderModel, KVCache
 
-__all__ = ["Engine", "Generation", "pad_prompts"]
+__all__ = ["Engine", "Generation", "pad_prompts", "pad_id"]
 
 
 @dataclass
@@ -62,6 +62,11 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
     return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+
+
+def pad_id(eos: list[int]) -> int:
+    """The id used for padding and for finished rows: the first EOS id when it is a real token."""
+    return eos[0] if eos and eos[0] >= 0 else 0
 
 
 class Engine:
@@ -116,7 +121,7 @@ class Engine:
         m = self.m
         prompts = [list(map(int, p)) for p in prompts]
         eos = _eos_ids(self.hf, eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos and eos[0] >= 0 else 0)
+        pad = pad_token_id if pad_token_id is not None else pad_id(eos)
         ids, lengths = pad_prompts(prompts, pad, m.device)
         B = ids.shape[0]
         cap = int(lengths.max()) + max_new_tokens

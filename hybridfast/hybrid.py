@@ -32,7 +32,7 @@ import torch
 
 from . import ops
 from .artifacts import as_sae, as_vectors
-from .engine import Decoder, Engine, _eos_ids, pad_prompts
+from .engine import Decoder, Engine, _eos_ids, pad_id, pad_prompts
 
 __all__ = ["HybridModel", "HybridResult", "HybridOutput"]
 
@@ -196,7 +196,7 @@ class HybridModel:
         if self.mode == "paper" and temperature != 0:
             raise ValueError("paper mode is greedy (temperature=0), as in the paper's code")
         eos = _eos_ids(self.base.hf, eos_token_id)
-        pad = eos[0] if eos and eos[0] >= 0 else 0
+        pad = pad_id(eos)
         ids_b, len_b = pad_prompts(pb, pad, self.base.m.device)
         ids_t, len_t = pad_prompts(pt, pad, self.thinking.m.device)
         if self.mode == "paper":

@@ -70,8 +70,8 @@ def discover_main(argv=None):
 
 
 def train_vectors_main(argv=None):
-    from .io import load_sae
-    from .taxonomy import build_vector_examples, read_annotations, save_steering, train_steering_vectors
+    from .io import load_sae, save_vectors
+    from .taxonomy import build_vector_examples, read_annotations, train_steering_vectors
     ap = argparse.ArgumentParser(prog="hybridfast train-vectors",
                                  description="bias + K category steering vectors in one batched run")
     ap.add_argument("--base", default="tiny", help="base model: path, hub id, or 'tiny'")
@@ -102,5 +102,5 @@ def train_vectors_main(argv=None):
                                  batch_size=a.batch_size, seed=a.seed,
                                  names=[c["name"] for c in tax["categories"]],
                                  checkpoint_dir=Path(a.out) / "checkpoint", progress=True)
-    save_steering(a.out, vec, a.steer_layer, model_id=mid)
+    save_vectors(a.out, vec, steer_layer=a.steer_layer, model_id=mid)
     print(f"vectors written to {a.out} ({len(exs)} category examples, {len(bias_exs)} bias examples)")

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .engine import DecoderModel, _eos_ids, pad_prompts
+from .engine import DecoderModel, _eos_ids, pad_id, pad_prompts
 
 __all__ = ["PowerSampler", "PowerResult", "expected_mh_token_forwards"]
 
@@ -275,7 +275,7 @@ class PowerSampler:
         t0 = time.perf_counter()
         m, dev = self.m, self.m.device
         N, T = len(prompts), self.max_new_tokens
-        pad = self.eos[0] if self.eos and self.eos[0] >= 0 else 0
+        pad = pad_id(self.eos)
         ids, P = pad_prompts(prompts, pad, dev)
         width = ids.shape[1] + T + 1
         cur = dict(P=P, tokens=torch.full((N, width), pad, dtype=torch.int64, device=dev),
@@ -403,7 +403,7 @@ class PowerSampler:
         m, dev = self.m, self.m.device
         G, Np, T = len(prompts), self.n_particles, self.max_new_tokens
         N = G * Np
-        pad = self.eos[0] if self.eos and self.eos[0] >= 0 else 0
+        pad = pad_id(self.eos)
         ids, P = pad_prompts([p for p in prompts for _ in range(Np)], pad, dev)
         width = ids.shape[1] + T + 1
         tokens = torch.full((N, width), pad, dtype=torch.int64, device=dev)
@@ -425,11 +425,7 @@ class PowerSampler:
             a_t = self.alpha if self.alpha_ramp <= 0 else \
                 min(self.alpha, 1.0 + (self.alpha - 1.0) * t / self.alpha_ramp)
             if t > 0:
-                cache.lengths.copy_(P + L - 1)
-                pos, slots, mask = m.decode_plan(cache, 0, width)
-                h = m.run(m.embed(tokens[rows, P + L - 1][:, None]), pos, slots, mask, cache, width, 0,
-                          m.n_layers)
-                logits = m.logits(h[:, 0])
+                logits = self._forward_one(cache, dict(P=P, tokens=tokens), L)
                 fw += int(N)
             tok, lp, lq = self._sample(logits, 1.0 / a_t, gen)
             active = ~done

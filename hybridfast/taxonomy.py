@@ -15,7 +15,7 @@ import torch
 from .activations import sentence_activations
 from .artifacts import SteeringVectors
 from .engine import Engine
-from .io import read_jsonl, save_sae, save_vectors, write_jsonl
+from .io import read_jsonl, save_sae, write_jsonl
 from .prompts import base_prompt, thinking_prompt
 from .sae import preprocess, taxonomy_metrics, train_topk_sae
 from .sentences import extract_thinking
@@ -205,6 +205,3 @@ def read_annotations(folder) -> Annotated:
                      [r["start"] for r in rows], torch.tensor([r["category"] for r in rows]),
                      torch.tensor([r["activation"] for r in rows]))
 
-
-def save_steering(folder, vec, steer_layer, model_id=None):
-    return save_vectors(folder, vec, steer_layer=steer_layer, model_id=model_id)
