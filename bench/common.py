@@ -87,5 +87,6 @@ def write(name: str, payload: dict, out: str | None = None) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)
-    print(json.dumps({"result": str(path), **{k: v for k, v in payload.items() if k != "rows"}}))
+    print(json.dumps({"result": str(path), **{k: v for k, v in payload.items()
+                                              if not isinstance(v, list)}}))
     return path

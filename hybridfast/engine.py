@@ -19,6 +19,7 @@ import torch
 
 from . import ops
 from .model import DecoderModel, KVCache
+from .ops.rng import RandomStream
 
 __all__ = ["Engine", "Generation", "pad_prompts", "pad_id"]
 
@@ -142,15 +143,17 @@ class Decoder:
                  temperature: float, top_k, generator):
         self.e, self.m, self.cache = engine, engine.m, cache
         self.eos = torch.tensor(eos or [-1], dtype=torch.int64, device=self.m.device)
-        self.pad, self.temperature, self.top_k, self.generator = pad, temperature, top_k, generator
+        self.pad, self.temperature, self.top_k = pad, temperature, top_k
+        self.rng = RandomStream(generator, self.m.device) if temperature != 0 else None
         B = cache.lengths.shape[0]
         self.done = torch.zeros(B, dtype=torch.bool, device=self.m.device)
         self.n_gen = torch.zeros(B, dtype=torch.int64, device=self.m.device)
         self.forwards = 0
 
     def sample(self, logits):
-        return ops.sample_logprobs(logits, self.temperature, top_k=self.top_k,
-                                   generator=self.generator, check_nan=False)
+        seed = self.rng.next_seed() if self.rng is not None else None
+        return ops.sample_logprobs(logits, self.temperature, top_k=self.top_k, seed=seed,
+                                   check_nan=False)
 
     def emit(self, tok, lp, lq):
         """Mask finished rows, update EOS state; returns the tokens to record/feed."""

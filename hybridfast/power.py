@@ -39,6 +39,7 @@ import torch
 
 from . import ops
 from .engine import DecoderModel, _eos_ids, pad_id, pad_prompts
+from .ops.rng import RandomStream
 
 __all__ = ["PowerSampler", "PowerResult", "expected_mh_token_forwards"]
 
@@ -135,8 +136,8 @@ class PowerSampler:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         return out
 
-    def _sample(self, logits, temperature, gen):
-        return ops.sample_logprobs(logits, temperature, top_k=self.top_k, generator=gen,
+    def _sample(self, logits, temperature, rng):
+        return ops.sample_logprobs(logits, temperature, top_k=self.top_k, seed=rng.next_seed(),
                                    check_nan=False)
 
     def _prefill(self, cache, tokens, n_tokens, st=None, tcache=None):
@@ -213,7 +214,7 @@ class PowerSampler:
         h = m.run(h[:, None], pos, slots, mask, cache, span, hm.steer_layer, m.n_layers)
         return m.logits(h[:, 0])
 
-    def _decode(self, st, cache, L, cap, max_steps, gen, first_logits=None, tcache=None):
+    def _decode(self, st, cache, L, cap, max_steps, rng, first_logits=None, tcache=None):
         """Extend rows of state ``st`` (tokens/lp/lq/eos) from gen length ``L`` until EOS or
         ``cap``. Returns ``(L, forwards)`` with forwards a device scalar."""
         P = st["P"]
@@ -229,7 +230,7 @@ class PowerSampler:
             else:
                 logits = self._forward_one(cache, st, L, tcache)
                 fw += active.sum()
-            tok, lp, lq = self._sample(logits, temp, gen)
+            tok, lp, lq = self._sample(logits, temp, rng)
             idx = (P + L).clamp_max(st["tokens"].shape[1] - 1)
             gi = L.clamp_max(st["lp"].shape[1] - 1)
             st["tokens"][rows, idx] = torch.where(active, tok, st["tokens"][rows, idx])
@@ -263,15 +264,13 @@ class PowerSampler:
                 if not p:
                     raise ValueError(f"thinking prompt {i} is empty")
             tp = [tp[i] for i in rows]
-        if generator is None:
-            generator = torch.Generator(device=self.m.device).manual_seed(
-                int(torch.randint(0, 2**62, (1,)).item()))
+        rng = RandomStream(generator, self.m.device)
         if self.method == "smc":
-            return self._smc([pr[i] for i in rows], rows, generator)
-        return self._mh([pr[i] for i in rows], rows, generator, tp)
+            return self._smc([pr[i] for i in rows], rows, rng)
+        return self._mh([pr[i] for i in rows], rows, rng, tp)
 
     # ------------------------------------------------------------------ MH
-    def _mh(self, prompts, prompt_index, gen, thinking_prompts=None):
+    def _mh(self, prompts, prompt_index, rng, thinking_prompts=None):
         t0 = time.perf_counter()
         m, dev = self.m, self.m.device
         N, T = len(prompts), self.max_new_tokens
@@ -311,18 +310,18 @@ class PowerSampler:
             # ---- extend every live chain by up to one block
             L0 = L.clone()
             if self.reuse and k > 0:
-                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, gen, tcache=tcache)
+                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, rng, tcache=tcache)
             else:  # first block (prompt prefill), or recompute: encode prompt + prefix
                 first = self._prefill(cache, cur["tokens"], P + L, cur, tcache)
                 fw += torch.where(live, P + L, 0).sum()
-                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, gen, first_logits=first,
+                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, rng, first_logits=first,
                                     tcache=tcache)
             fw += f
             decoded += (L - L0).sum()
             prev_cap = cap
             # ---- n_mcmc Metropolis-Hastings steps on the whole generated sequence
             for _ in range(self.n_mcmc):
-                u = torch.rand(N, generator=gen, device=dev)
+                u = rng.uniform(N)
                 mi = torch.minimum((u * L).long(), (L - 1).clamp_min(0))
                 mi = torch.where(live, mi, L)
                 prop = dict(P=P, tokens=cur["tokens"].clone(), lp=cur["lp"].clone(),
@@ -337,11 +336,11 @@ class PowerSampler:
                             for a, b in zip(pc.k + pc.v, c.k + c.v):
                                 a.copy_(b)
                     # re-feeds the token before m (its logits predict position m)
-                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen, tcache=tpcache)
+                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, rng, tcache=tpcache)
                 else:
                     first = self._prefill(pcache, prop["tokens"], P + mi, prop, tpcache)
                     fw += torch.where(live, P + mi, 0).sum()
-                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, gen, first_logits=first,
+                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, rng, first_logits=first,
                                          tcache=tpcache)
                 fw += f
                 decoded += (Lp - mi).sum()
@@ -354,7 +353,7 @@ class PowerSampler:
                 logA = self.alpha * slp + slq
                 if not self.official:   # Hastings term: m is uniform over a different count
                     logA = logA + torch.log(L.clamp_min(1).float()) - torch.log(Lp.clamp_min(1).float())
-                v = torch.rand(N, generator=gen, device=dev)
+                v = rng.uniform(N)
                 acc = live & (torch.log(v) < logA)
                 n_prop += live.long()
                 n_acc += acc.long()
@@ -397,7 +396,7 @@ class PowerSampler:
         return out
 
     # ------------------------------------------------------------------ SMC
-    def _smc(self, prompts, prompt_index, gen):
+    def _smc(self, prompts, prompt_index, rng):
         """Power-SMC (see module docstring). ``prompts`` holds one entry per selected particle."""
         t0 = time.perf_counter()
         m, dev = self.m, self.m.device
@@ -427,7 +426,7 @@ class PowerSampler:
             if t > 0:
                 logits = self._forward_one(cache, dict(P=P, tokens=tokens), L)
                 fw += int(N)
-            tok, lp, lq = self._sample(logits, 1.0 / a_t, gen)
+            tok, lp, lq = self._sample(logits, 1.0 / a_t, rng)
             active = ~done
             if a_prev is not None and a_t != a_prev:   # the target's exponent moved: reweight the past
                 logw += (a_t - a_prev) * cum_lp
@@ -446,7 +445,7 @@ class PowerSampler:
             if bool(need.any()) and t < T - 1:
                 n_resample += int(need.sum())
                 probs = torch.softmax(w, 1).float()
-                draw = torch.multinomial(probs, Np, replacement=True, generator=gen)
+                draw = rng.categorical(probs, Np)
                 ident = torch.arange(Np, device=dev)[None, :].expand(G, Np)
                 src = (torch.where(need[:, None], draw, ident)
                        + torch.arange(G, device=dev)[:, None] * Np).reshape(-1)
@@ -460,7 +459,7 @@ class PowerSampler:
                 break
         w = logw.view(G, Np)
         norm_w = torch.softmax(w, 1)
-        pick = torch.multinomial(norm_w.float(), 1, generator=gen)[:, 0]
+        pick = rng.categorical(norm_w, 1)[:, 0]
         sel = torch.arange(G, device=dev) * Np + pick
         dt = time.perf_counter() - t0
         out = []

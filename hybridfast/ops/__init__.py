@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .reference import inv_temperature, route_steer_ref, sample_logprobs_ref
+from .rng import RandomStream
 
 __all__ = ["route_steer", "sample_logprobs", "available_impls", "resolve_impl", "cpp_available"]
 
@@ -249,10 +250,9 @@ def route_steer(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: to
 # ----------------------------------------------------------------------------- sample_logprobs
 
 def _seed_from(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """Draw the kernel seed (int64 tensor [1] on ``device``) from the generator: no host sync."""
-    gdev = device if generator is None else generator.device
-    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gdev,
-                         dtype=torch.int64).to(device)
+    """One kernel seed (int64 tensor [1] on ``device``) from ``generator`` on its own device.
+    Loops should hold a :class:`~hybridfast.ops.rng.RandomStream` and pass ``seed=`` instead."""
+    return RandomStream(generator, device).next_seed()
 
 
 def _sample_cpp(logits, inv_t, seed, thresh):

@@ -63,3 +63,45 @@ def noise_from_bits(bits: torch.Tensor) -> torch.Tensor:
     """Map 32 random bits to Gumbel noise; finite for every input (max 16.64 at bits >> 9 = 2^23-1)."""
     u = ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
     return -torch.log(-torch.log(u))
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Map 32 random bits to a float32 uniform in (0, 1) (23 bits, never 0 or 1)."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+class RandomStream:
+    """All the randomness of one sampling call, derived from one draw of the user's generator.
+
+    The generator is read exactly once, on its own device (a CPU ``torch.Generator`` drives a
+    CUDA model), and the 31-bit key it gives is copied to ``device`` once. Every later draw is
+    a counter-based function of (key, counter) computed on ``device`` with the counter kept in
+    a device tensor and advanced in place: no host synchronisation, no host-to-device copy per
+    token, and the same ops on every step (CUDA-graph and ``torch.compile`` friendly).
+
+    This is the only place a user generator is consumed by the samplers.
+    """
+
+    def __init__(self, generator: "torch.Generator | None", device):
+        gdev = "cpu" if generator is None else generator.device
+        key = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
+        self.device = torch.device(device)
+        self.key = key.to(self.device)
+        self.counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+
+    def next_seed(self) -> torch.Tensor:
+        """A fresh int64 seed tensor [1] on ``device`` (for ``sample_logprobs(seed=...)``)."""
+        self.counter.add_(1)
+        return mix32(self.key ^ mix32(self.counter * GOLDEN))
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """``n`` float32 uniforms in (0, 1) on ``device``."""
+        return uniform_from_bits(uniform_bits(self.next_seed(), 1, n, self.device)[0])
+
+    def categorical(self, probs: torch.Tensor, n: int) -> torch.Tensor:
+        """``n`` independent draws per row of ``probs [G, N]`` (rows need not be normalised):
+        inverse-CDF sampling with this stream's uniforms; returns int64 ``[G, n]``."""
+        G = probs.shape[0]
+        cdf = torch.cumsum(probs.double(), 1)
+        u = self.uniform(G * n).view(G, n).double() * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_max(probs.shape[1] - 1)
