@@ -103,8 +103,10 @@ int64_t sample_logprobs_cpu(const SampleArgs& a) {
     const int64_t win = p.best_i < 0 ? 0 : p.best_i;
     const float wl = p.best_i < 0 ? NEG_INF : p.best_logit;
     a.tokens[b] = win;
-    a.logp[b] = static_cast<float>(double(wl) - (double(p.m1) + std::log(p.s1)));
-    a.logq[b] = greedy ? 0.f : static_cast<float>(double(wl * a.inv_temperature) - (double(p.mt) + std::log(p.st)));
+    // A row with no finite logit (all -inf) has no distribution: logp = logq = -inf, never NaN.
+    const bool found = wl != NEG_INF;
+    a.logp[b] = found ? static_cast<float>(double(wl) - (double(p.m1) + std::log(p.s1))) : NEG_INF;
+    a.logq[b] = greedy ? 0.f : found ? static_cast<float>(double(wl * a.inv_temperature) - (double(p.mt) + std::log(p.st))) : NEG_INF;
   }
   return bad;
 }

@@ -219,3 +219,46 @@ def test_torch_library_op_registered_and_compiles():
     f = torch.compile(lambda *a: ops.route_steer(*a), backend="eager", fullgraph=True)
     out2, cat2 = f(*args)
     assert torch.equal(cat2, rcat) and torch.allclose(out2, ref)
+
+
+@st.composite
+def large_k_problems(draw):
+    """SAE-sized latent counts: the fused path's K tiles (K <= 1024) and the tiled path."""
+    p, mode = draw(problems())
+    K = draw(st.sampled_from([129, 700, 1025, 2500]))
+    B = draw(st.sampled_from([1, 3, 17, 40]))
+    g = torch.Generator().manual_seed(K + B)
+    d_r, d = p["x"].shape[1], p["h"].shape[1]
+    rdt, hdt = p["x"].dtype, p["h"].dtype
+    p.update(h=torch.randn(B, d, generator=g).to(hdt), x=torch.randn(B, d_r, generator=g).to(rdt),
+             W_enc=torch.randn(d_r, K, generator=g).to(rdt), b_enc=torch.randn(K, generator=g).to(rdt),
+             V=torch.randn(K, d, generator=g).to(hdt))
+    if p["coef"] is not None:
+        p["coef"] = torch.rand(K, generator=g)
+    return p, mode
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prob=large_k_problems())
+def test_large_k_matches_reference(impl, prob):
+    p, mode = prob
+    compare(impl, p, _threshold(p, mode))
+
+
+@pytest.mark.parametrize("K", [300, 3000])
+def test_triton_ties_across_k_tiles_go_to_lowest_index(K):
+    from hybridfast.kernels.route_steer import launch_config
+    g = torch.Generator().manual_seed(K)
+    d = 24
+    W = torch.randn(d, K, generator=g)
+    W[:, K - 2] = W[:, 3] * 4            # equal best latents in the first and the last tile
+    W[:, 3] = W[:, K - 2]
+    x = W[:, 3][None, :].repeat(2, 1)
+    p = dict(h=torch.randn(2, 8, generator=g), x=x, W_enc=W, b_enc=torch.zeros(K),
+             b_dec=torch.zeros(d), V=torch.randn(K, 8, generator=g), coef=torch.ones(K))
+    out, cat = ops.route_steer(*p.values(), impl="triton")
+    assert cat.tolist() == [3, 3], (launch_config(2, 8, d, K)["path"], cat)
+    x[1, 0] = float("nan")
+    _, cat = ops.route_steer(*p.values(), impl="triton", check_nan=False)
+    assert cat.tolist() == [3, -2]

@@ -70,10 +70,12 @@ def sample_logprobs_ref(logits, temperature, seed, top_k=None, check_nan=True):
         raise ValueError(f"sample_logprobs: NaN in logits (rows {bad[:8]})")
     lg = logits.float() if logits.dtype != torch.float64 else logits
     B, Vn = lg.shape
+    # a row with no finite logit (all -inf) has no distribution: token 0, logp = logq = -inf
+    empty = (lg == -math.inf).all(dim=-1)
     logp_all = torch.log_softmax(lg, dim=-1)
     if temperature == 0:
         tok = lg.argmax(dim=-1)
-        logp = logp_all.gather(1, tok[:, None])[:, 0]
+        logp = logp_all.gather(1, tok[:, None])[:, 0].masked_fill(empty, -math.inf)
         return tok, logp.float(), torch.zeros_like(logp).float()
     scaled = lg * inv_temperature(temperature)
     if top_k is not None and top_k < Vn:
@@ -82,6 +84,6 @@ def sample_logprobs_ref(logits, temperature, seed, top_k=None, check_nan=True):
     g = gumbel_noise(seed, B, Vn, device=lg.device).to(scaled.dtype)
     tok = (scaled + g).argmax(dim=-1)
     logq_all = torch.log_softmax(scaled, dim=-1)
-    logp = logp_all.gather(1, tok[:, None])[:, 0]
-    logq = logq_all.gather(1, tok[:, None])[:, 0]
+    logp = logp_all.gather(1, tok[:, None])[:, 0].masked_fill(empty, -math.inf)
+    logq = logq_all.gather(1, tok[:, None])[:, 0].masked_fill(empty, -math.inf)
     return tok, logp.float(), logq.float()
