@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 #: largest K served by the one-launch fused path
 FUSED_MAX_K = 1024
 
@@ -231,24 +233,25 @@ def route_steer_triton(h, x, W_enc, b_enc, b_dec, V, coef, bias=None, x_mean=Non
     cfg = launch_config(B, d, d_r, K)
     flags = dict(HAS_BIAS=bias is not None, EXPAND=C > 0, BLOCK_D=cfg["BLOCK_D"])
     if cfg["path"] == "fused":
-        _route_steer_fused_kernel[(B,)](
+        launch(_route_steer_fused_kernel, (B,))(
             h, x, W_enc, b_enc, b_dec, V, bias_arg, mean_arg, coef_t, coef_t, out, cat,
             d, d_r, K, C, thr,
             h.stride(0), h.stride(1), x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
             V.stride(0), V.stride(1),
             HAS_MEAN=x_mean is not None, NORMALIZE=bool(normalize), BLOCK_K=cfg["BLOCK_K"],
-            BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"], **flags)
+            BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"], enable_fp_fusion=True, **flags)
         return out, cat
     nt = cfg["n_tiles"]
     part_z = torch.empty((B, nt), dtype=torch.float32, device=h.device)
     part_c = torch.empty((B, nt), dtype=torch.int32, device=h.device)
-    _route_encode_tile_kernel[(nt, triton.cdiv(B, cfg["BLOCK_B"]))](
+    launch(_route_encode_tile_kernel, (nt, triton.cdiv(B, cfg["BLOCK_B"])))(
         x, W_enc, b_enc, b_dec, mean_arg, part_z, part_c, B, d_r, K,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
         HAS_MEAN=x_mean is not None, NORMALIZE=bool(normalize), BLOCK_B=cfg["BLOCK_B"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"])
-    _route_apply_kernel[(B,)](
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"],
+        enable_fp_fusion=True)
+    launch(_route_apply_kernel, (B,))(
         h, V, bias_arg, coef_t, coef_t, out, cat, part_z, part_c, d, K, C, nt, thr,
         h.stride(0), h.stride(1), V.stride(0), V.stride(1),
-        BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], **flags)
+        BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], enable_fp_fusion=True, **flags)
     return out, cat

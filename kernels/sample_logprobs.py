@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 BIG = 2147483647
 #: programs the split heuristic aims for (about two per SM on an H100)
 TARGET_PROGRAMS = 264
@@ -209,14 +211,14 @@ def sample_logprobs_triton(logits, inv_t, seed, topk_thresh=None, check_nan=Fals
     part_f = torch.empty((B, cfg["nsplit"], 6) if split else (1,), dtype=torch.float32, device=dev)
     part_i = torch.empty((B, cfg["nsplit"], 2) if split else (1,), dtype=torch.int32, device=dev)
     greedy = inv_t == 0.0
-    _sample_chunk_kernel[(triton.cdiv(B, cfg["ROWS"]), cfg["nsplit"])](
+    launch(_sample_chunk_kernel, (triton.cdiv(B, cfg["ROWS"]), cfg["nsplit"]))(
         logits, seed, topk_thresh if topk_thresh is not None else logp, tok, logp, logq,
         part_f, part_i, B, V, logits.stride(0), cfg["chunk"], float(inv_t),
         GREEDY=greedy, HAS_TOPK=topk_thresh is not None, SPLIT=split, ROWS=cfg["ROWS"],
         BLOCK=cfg["BLOCK"],
         num_warps=cfg["num_warps"], enable_fp_fusion=False)
     if split:
-        _sample_merge_kernel[(B,)](part_f, part_i, tok, logp, logq, cfg["nsplit"], float(inv_t),
+        launch(_sample_merge_kernel, (B,))(part_f, part_i, tok, logp, logq, cfg["nsplit"], float(inv_t),
                                    GREEDY=greedy, BLOCK_S=cfg["BLOCK_S"], num_warps=1,
                                    enable_fp_fusion=False)
     return tok, logp, logq

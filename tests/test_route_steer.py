@@ -262,3 +262,21 @@ def test_triton_ties_across_k_tiles_go_to_lowest_index(K):
     x[1, 0] = float("nan")
     _, cat = ops.route_steer(*p.values(), impl="triton", check_nan=False)
     assert cat.tolist() == [3, -2]
+
+
+def test_triton_op_and_device_kernels():
+    """The Triton path is a triton_op (eager here through the interpreter); the device-dispatched
+    op picks the C++ kernel on CPU when asked for "auto"."""
+    B, d, d_r, K = 3, 8, 6, 5
+    g = torch.Generator().manual_seed(2)
+    args = (torch.randn(B, d, generator=g), torch.randn(B, d_r, generator=g),
+            torch.randn(d_r, K, generator=g), torch.zeros(K), torch.zeros(d_r),
+            torch.randn(K, d, generator=g), torch.ones(K))
+    ref, rcat = route_steer_ref(*args)
+    out, cat = torch.ops.hybridfast.route_steer_triton(*args, None, None, False, -math.inf, None)
+    assert torch.equal(cat, rcat) and torch.allclose(out, ref, atol=1e-6)
+    out, cat = torch.ops.hybridfast.route_steer(*args, None, None, False, -math.inf, None, "auto")
+    assert torch.equal(cat, rcat) and torch.allclose(out, ref, atol=1e-6)
+    tok, lp, lq = torch.ops.hybridfast.sample_logprobs_triton(torch.randn(4, 50, generator=g), 0.5,
+                                                              torch.tensor([3]), None)
+    assert tok.shape == (4,) and torch.isfinite(lp).all() and torch.isfinite(lq).all()

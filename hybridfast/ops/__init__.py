@@ -241,8 +241,8 @@ def route_steer(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: to
     dt = torch.float64 if torch.float64 in (h.dtype, x.dtype) else h.dtype
     which = resolve_impl(h.device, dt, impl)
     if torch.compiler.is_compiling():
-        return torch.ops.hybridfast.route_steer(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean,
-                                                normalize, float(threshold), coefs, which)
+        return _compiled_route_steer(which, h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean,
+                                     normalize, float(threshold), coefs)
     return _route_steer_impl(which, h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean, normalize,
                              threshold, coefs, check_nan)
 
@@ -319,11 +319,37 @@ def sample_logprobs(logits: torch.Tensor, temperature: float, *,
             torch.zeros(1, dtype=torch.int64, device=logits.device)
     which = resolve_impl(logits.device, logits.dtype, impl)
     if torch.compiler.is_compiling():
-        return torch.ops.hybridfast.sample_logprobs(logits, temperature, seed, top_k, which)
+        return _compiled_sample(which, logits, temperature, seed, top_k)
     return _sample_impl(which, logits, temperature, seed, top_k, check_nan)
 
 
 # ----------------------------------------------------------------------------- torch.library
+# ``hybridfast::route_steer`` / ``hybridfast::sample_logprobs``: custom ops whose kernels are
+# registered per device (CPU: the C++ extension, else the reference; CUDA: Triton). The last
+# argument forces an implementation ("auto" lets the device decide, as ``resolve_impl`` does).
+# The Triton path is also a ``triton_op`` (``hybridfast::route_steer_triton`` /
+# ``hybridfast::sample_logprobs_triton``) launched through ``wrap_triton``, so torch.compile
+# traces the Triton kernels themselves (fusable, CUDA-graph capturable) instead of an opaque call.
+
+def _compiled_route_steer(which, h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean, normalize,
+                          threshold, coefs):
+    if which == "triton":
+        return torch.ops.hybridfast.route_steer_triton(h, x, W_enc, b_enc, b_dec, V, coef, bias,
+                                                       x_mean, normalize, threshold, coefs)
+    if which == "torch":
+        return route_steer_ref(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean, normalize,
+                               threshold, coefs, check_nan=False)
+    return torch.ops.hybridfast.route_steer(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean,
+                                            normalize, threshold, coefs, which)
+
+
+def _compiled_sample(which, logits, temperature, seed, top_k):
+    if which == "triton":
+        return torch.ops.hybridfast.sample_logprobs_triton(logits, temperature, seed, top_k)
+    if which == "torch":
+        return sample_logprobs_ref(logits, temperature, seed, top_k=top_k, check_nan=False)
+    return torch.ops.hybridfast.sample_logprobs(logits, temperature, seed, top_k, which)
+
 
 @torch.library.custom_op("hybridfast::route_steer", mutates_args=())
 def _route_steer_op(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
@@ -331,9 +357,9 @@ def _route_steer_op(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc
                     bias: Optional[torch.Tensor], x_mean: Optional[torch.Tensor],
                     normalize: bool, threshold: float, coefs: Optional[torch.Tensor],
                     impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, cat = _route_steer_impl(impl, h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean,
-                                 normalize, threshold, coefs, check_nan=False)
-    return out, cat
+    which = resolve_impl(h.device, h.dtype, None if impl == "auto" else impl)
+    return _route_steer_impl(which, h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean,
+                             normalize, threshold, coefs, check_nan=False)
 
 
 @_route_steer_op.register_fake
@@ -346,7 +372,8 @@ def _(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean, normalize, threshold, co
 @torch.library.custom_op("hybridfast::sample_logprobs", mutates_args=())
 def _sample_op(logits: torch.Tensor, temperature: float, seed: torch.Tensor,
                top_k: Optional[int], impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sample_impl(impl, logits, temperature, seed, top_k, check_nan=False)
+    which = resolve_impl(logits.device, logits.dtype, None if impl == "auto" else impl)
+    return _sample_impl(which, logits, temperature, seed, top_k, check_nan=False)
 
 
 @_sample_op.register_fake
@@ -354,3 +381,24 @@ def _(logits, temperature, seed, top_k, impl):
     B = logits.shape[0]
     return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32),
             logits.new_empty((B,), dtype=torch.float32))
+
+
+for _dev in ("cpu", "cuda"):   # the same resolution rule, registered per device
+    torch.library.register_kernel("hybridfast::route_steer", _dev)(_route_steer_op._init_fn)
+    torch.library.register_kernel("hybridfast::sample_logprobs", _dev)(_sample_op._init_fn)
+
+
+@torch.library.triton_op("hybridfast::route_steer_triton", mutates_args=())
+def _route_steer_triton_op(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+                           b_enc: torch.Tensor, b_dec: torch.Tensor, V: torch.Tensor,
+                           coef: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           x_mean: Optional[torch.Tensor], normalize: bool, threshold: float,
+                           coefs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton().route_steer_triton(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean,
+                                        normalize, threshold, coefs)
+
+
+@torch.library.triton_op("hybridfast::sample_logprobs_triton", mutates_args=())
+def _sample_triton_op(logits: torch.Tensor, temperature: float, seed: torch.Tensor,
+                      top_k: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sample_impl("triton", logits, temperature, seed, top_k, check_nan=False)
