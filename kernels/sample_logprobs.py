@@ -18,6 +18,8 @@ NaN policy: a row containing NaN returns token -1 and NaN log-probabilities (no 
 Greedy rows return ``logq = 0``; a row whose logits are all ``-inf`` returns token 0 with
 ``logp = logq = -inf`` (0 for greedy ``logq``), never NaN.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,8 +27,16 @@ import triton.language as tl
 from .launch import launch
 
 BIG = 2147483647
-#: programs the split heuristic aims for (about two per SM on an H100)
+#: programs the split heuristic aims for without a device to ask (two per SM of an H100)
 TARGET_PROGRAMS = 264
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """Two programs per SM of ``device`` (the AOT default when it is not a CUDA device)."""
+    if device.type != "cuda":
+        return TARGET_PROGRAMS
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -206,7 +216,7 @@ def sample_logprobs_triton(logits, inv_t, seed, topk_thresh=None, check_nan=Fals
         return tok, logp, logq
     if topk_thresh is not None:
         topk_thresh = topk_thresh.to(torch.float32).contiguous()
-    cfg = launch_config(B, V)
+    cfg = launch_config(B, V, _target_programs(dev))
     split = cfg["nsplit"] > 1
     part_f = torch.empty((B, cfg["nsplit"], 6) if split else (1,), dtype=torch.float32, device=dev)
     part_i = torch.empty((B, cfg["nsplit"], 2) if split else (1,), dtype=torch.int32, device=dev)

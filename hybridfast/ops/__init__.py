@@ -221,7 +221,7 @@ def route_steer(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: to
                 bias: Optional[torch.Tensor] = None, x_mean: Optional[torch.Tensor] = None,
                 normalize: bool = False, threshold: float = -math.inf,
                 coefs: Optional[torch.Tensor] = None, impl: Optional[str] = None,
-                check_nan: bool = True):
+                check_nan: bool = True, validate: bool = True):
     """Fused SAE encode, argmax category routing and steering add.
 
     ``u = x - x_mean`` (if given), L2-normalised per row if ``normalize``;
@@ -236,8 +236,12 @@ def route_steer(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: to
     NaN in ``x`` or ``h`` raises ``ValueError`` in the reference and C++ paths
     (``check_nan=False`` skips the reference's check, which synchronises). The Triton path never
     synchronises: rows with NaN router input get category -2 and ``out = h``.
+
+    ``validate=False`` skips the shape/dtype/device checks: for decode loops that call the op
+    with the same tensors every step after one validated call.
     """
-    _validate_route_steer(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean, coefs)
+    if validate:
+        _validate_route_steer(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean, coefs)
     dt = torch.float64 if torch.float64 in (h.dtype, x.dtype) else h.dtype
     which = resolve_impl(h.device, dt, impl)
     if torch.compiler.is_compiling():
