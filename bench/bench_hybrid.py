@@ -13,31 +13,16 @@ import argparse
 import os
 import sys
 import time
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, table, write  # noqa: E402
+from common import count_syncs, env_info, table, write  # noqa: E402
 
 from hybridfast import HybridModel  # noqa: E402
 from hybridfast.baselines import routed_generate_hooks  # noqa: E402
 from hybridfast.engine import Engine  # noqa: E402
 from hybridfast.tiny import bundled_config, model_from_config  # noqa: E402
-
-
-def count_syncs(fn):
-    """(result, host syncs) — counted on CUDA with sync debug mode; None on CPU."""
-    if not torch.cuda.is_available():
-        return fn(), None
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            out = fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    return out, sum("synchroniz" in str(x.message) for x in w)
 
 
 def run(config, batches, new_tokens, prompt_len, dtype, K, naive_max_batch, seed=0):

@@ -44,6 +44,21 @@ def env_info() -> dict:
                 time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
+def count_syncs(fn):
+    """``(result, host syncs)`` counted by CUDA's sync debug mode; ``(result, None)`` on CPU."""
+    if not torch.cuda.is_available():
+        return fn(), None
+    import warnings
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            out = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return out, sum("synchroniz" in str(x.message) for x in w)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

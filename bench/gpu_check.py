@@ -24,12 +24,11 @@ import os
 import sys
 import time
 import traceback
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, table, write  # noqa: E402
+from common import count_syncs, env_info, table, write  # noqa: E402
 
 import hybridfast.ops as ops  # noqa: E402
 from hybridfast.ops.reference import inv_temperature, route_steer_ref, sample_logprobs_ref  # noqa: E402
@@ -230,20 +229,6 @@ def kernel_times(dev, smoke: bool):
 
 # ----------------------------------------------------------------------------- generation
 
-def count_syncs(fn):
-    """(result, host syncs) counted by CUDA's sync debug mode; (result, None) on CPU."""
-    if not torch.cuda.is_available():
-        return fn(), None
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            out = fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    return out, sum("synchroniz" in str(x.message) for x in w)
-
-
 def timed(fn):
     fn()
     if torch.cuda.is_available():
@@ -319,9 +304,6 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
                     r["syncs_per_token"] = syncs / tokens
                 return r
             guarded(rows, dict(config=config, B=B, mode=name, new_tokens=new_tokens), one)
-    del base, think, eng, hr, hp, ps
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -349,6 +331,8 @@ def main(argv=None):
         left = a.budget_s - (time.perf_counter() - t0)
         guarded(gen_rows, dict(config=c, mode="load"), lambda: dict(rows=generation(
             dev, c, batches, new_tokens, 32, left / (len(configs) - i))))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()     # the config's models are gone with generation()'s frame
     payload["generation"] = [r for x in gen_rows for r in (x.get("rows") or [x])]
     payload["failed_checks"] = sum(not r.get("ok", True) for r in payload["kernels"])
     payload["errors"] = sum("error" in r for sec in ("kernels", "kernel_times", "generation")

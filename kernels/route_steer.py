@@ -57,6 +57,16 @@ def _inv_norm(x_ptr, xmean_ptr, b, s_xb, s_xd, d_r, HAS_MEAN: tl.constexpr,
 
 
 @triton.jit
+def _argmax_update(best, best_c, z, idx, K):
+    """Running (max, argmax) over blocks visited in index order: the block's max with its
+    lowest index among ties replaces the running one only if strictly greater."""
+    top = tl.max(z, axis=0)
+    c = tl.min(tl.where(z == top, idx, K), axis=0)
+    better = top > best
+    return tl.where(better, top, best), tl.where(better, c, best_c)
+
+
+@triton.jit
 def _steer_row(h_ptr, v_ptr, bias_ptr, coef_ptr, coefs_ptr, out_ptr, cat_ptr, b, c, zmax,
                is_nan, threshold, d, C, s_hb, s_hd, s_vk, s_vd,
                HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -116,12 +126,7 @@ def _route_steer_fused_kernel(
             z += tl.sum(u[:, None] * w, axis=0)
         z += tl.load(benc_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
         n_nan += tl.sum(((z != z) & kmask).to(tl.int32), axis=0)
-        z = tl.where(kmask, z, float("-inf"))
-        zm = tl.max(z, axis=0)
-        zc = tl.min(tl.where(z == zm, ks, K), axis=0)
-        better = zm > best
-        best_c = tl.where(better, zc, best_c)
-        best = tl.where(better, zm, best)
+        best, best_c = _argmax_update(best, best_c, tl.where(kmask, z, float("-inf")), ks, K)
     c = tl.minimum(best_c, K - 1)
     _steer_row(h_ptr, v_ptr, bias_ptr, coef_ptr, coefs_ptr, out_ptr, cat_ptr, b, c, best,
                n_nan > 0, threshold, d, C, s_hb, s_hd, s_vk, s_vd, HAS_BIAS, EXPAND, BLOCK_D)
@@ -188,11 +193,7 @@ def _route_apply_kernel(
         zm = tl.load(part_z_ptr + b * n_tiles + ts, mask=tm, other=float("-inf"))
         zc = tl.load(part_c_ptr + b * n_tiles + ts, mask=tm, other=K)
         n_nan += tl.sum((zm != zm).to(tl.int32), axis=0)
-        top = tl.max(zm, axis=0)
-        c = tl.min(tl.where(zm == top, zc, K), axis=0)
-        better = top > best
-        best_c = tl.where(better, c, best_c)
-        best = tl.where(better, top, best)
+        best, best_c = _argmax_update(best, best_c, zm, zc, K)
     c = tl.minimum(best_c, K - 1)
     _steer_row(h_ptr, v_ptr, bias_ptr, coef_ptr, coefs_ptr, out_ptr, cat_ptr, b, c, best,
                n_nan > 0, threshold, d, C, s_hb, s_hd, s_vk, s_vd, HAS_BIAS, EXPAND, BLOCK_D)
