@@ -1,29 +1,82 @@
 """Evaluation runs: every method is a generator of answers; results are appended per problem to
-``RUN_DIR/results.jsonl`` as they are produced (flushed and fsynced), so a killed run resumes
-where it stopped: finished (problem, method) pairs are skipped and a torn last line is repaired.
+``OUT/results.jsonl`` as they are produced (flushed and fsynced), so a killed run resumes where it
+stopped (a torn last line is repaired).
 
     hybridfast eval --method base --data gsm8k --limit 50 --out runs/eval
     hybridfast report runs/eval
+
+Run identity: every row records its ``run``: the models (path + file fingerprint, or hub id),
+dtype, method and all its parameters (defaults included), prompt templates (hashes), package
+version, and the dataset file (path + sha256) in ``run.data``. ``run_id`` hashes the run without
+``run.data``. A local model's (or --sae/--vectors) fingerprint hashes every file's name and size,
+plus its sha256 when it is at most 1 MiB or its mtime when larger. Problem ids come from content:
+MATH500's unique_id, else a hash of the question.
+
+Resume rule: an --out continues only an identical configuration. If OUT/results.jsonl holds rows
+of the same method with another run_id, the run is refused (exit 2) naming the settings that
+differ; use a new --out for a new configuration. Problems saved under this run_id are skipped;
+another --path file, --offset or a larger --limit adds problems to the same run. --batch-size,
+--ray and --workers only schedule work and are not part of the run.
+
+One writer per results file: a run holds an exclusive lock on OUT/results.jsonl.lock (its pid and
+start time are written inside); a second run on the same --out is refused (exit 2).
+
+Errors in arguments or inputs print one line `hybridfast: error: ...` and exit 2 before any model
+is loaded (--debug adds the traceback). Ctrl-C prints what was saved and the command that
+resumes, and exits 130.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import inspect
 import json
 import os
+import shlex
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .datasets import load_problems
-from .io import read_jsonl
+from . import __version__
+from .datasets import DataSource, open_dataset, problems_of
+from .errors import ArgumentParser, UserError, reported
 from .grading import extract_answer, grade
+from .io import atomic_write_text, parse_jsonl
 from .metrics import summarize
+from .provenance import RunIdentity, artifact_identity, differences, model_identity, text_hash
 
-__all__ = ["ResultsLog", "run_eval", "summarize", "main", "report_main", "METHODS"]
+__all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "method_params", "make_method",
+           "grade_rows", "run_eval", "summarize", "main", "report_main", "METHODS"]
 
-METHODS = ("base", "thinking", "low-temp", "hybrid-paper", "hybrid-routed", "power-mh", "power-smc",
-           "power-hybrid")
+# the prompts each method builds: "base" (task template), "power" (boxed-answer template),
+# "thinking" (the chat template of the base model's tokenizer)
+_PROMPTS = {"base": ("base",), "thinking": ("thinking",), "low-temp": ("power",),
+            "hybrid-paper": ("base", "thinking"), "hybrid-routed": ("base", "thinking"),
+            "power-mh": ("power",), "power-smc": ("power",), "power-hybrid": ("power", "thinking")}
+METHODS = tuple(_PROMPTS)
+STEERED_METHODS = ("hybrid-paper", "hybrid-routed", "power-hybrid")   # need --sae and --vectors
+DTYPE = "bf16"   # real models are evaluated in bf16; the tiny models are fp32
+
+
+def _uses_thinking(method: str) -> bool:
+    return "thinking" in _PROMPTS[method]
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says how many of its problems are saved, and where."""
+
+
+def read_results(path) -> list[dict]:
+    """The complete rows of a results file; a torn last line (being written, or left by a kill) is
+    not read."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return parse_jsonl(text[: text.rfind("\n") + 1], path)
 
 
 class ResultsLog:
@@ -47,10 +100,11 @@ class ResultsLog:
         return True
 
     def rows(self) -> list[dict]:
-        return read_jsonl(self.path) if self.path.exists() else []
+        return read_results(self.path)
 
-    def done(self) -> set:
-        return {(r["problem"], r["method"]) for r in self.rows()}
+    def done(self, run_id: str) -> set:
+        """Ids of the problems saved for ``run_id``."""
+        return {r["problem"] for r in self.rows() if r.get("run_id") == run_id}
 
     def append(self, rows: list[dict]) -> None:
         with open(self.path, "a") as f:
@@ -60,89 +114,144 @@ class ResultsLog:
             os.fsync(f.fileno())
 
 
+class WriterLock:
+    """An exclusive, non-blocking ``flock`` on ``<results>.lock``, held while a run writes
+    ``results``. The lock file names its holder (pid, start time); it stays after the run (the
+    lock is the flock, which the kernel releases when the holder exits, however it exits)."""
+
+    def __init__(self, results):
+        self.results = Path(results)
+        self.path = self.results.with_name(self.results.name + ".lock")
+        self._fd = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "it has not recorded its pid yet"
+            os.close(fd)
+            raise UserError(f"{self.results} is being written by another run ({holder}); wait for it to "
+                            f"finish or pass another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)      # releases the lock
+
+
 def _models(spec: str, seed: int, thinking: str | None = None):
     """``tiny`` -> the bundled pair; otherwise ``spec`` is the base model and ``thinking`` the
     thinking model (paths or hub ids; the thinking model is loaded only when given)."""
     from .pipeline_cli import _load_models
-    base, tok, _ = _load_models(spec, "base", seed, None, "bf16")
+    base, tok, _ = _load_models(spec, "base", seed, None, DTYPE)
     if spec == "tiny":
-        think, _, _ = _load_models(spec, "thinking", seed, None, "bf16")
+        think, _, _ = _load_models(spec, "thinking", seed, None, DTYPE)
     else:
-        think = _load_models(thinking, "thinking", seed, None, "bf16")[0] if thinking else None
+        think = _load_models(thinking, "thinking", seed, None, DTYPE)[0] if thinking else None
     return base, think, tok
 
 
-def make_method(name: str, base, think, tok, *, max_new_tokens: int, sae=None, vectors=None,
-                sae_layer: int = 2, steer_layer: int = 1, seed: int = 0, base_template=None):
-    """A callable ``problems -> [dict(output, tokens, steered_tokens)]`` for method ``name``."""
+def _call_params(fn, explicit: dict, supplied: tuple) -> dict:
+    """The keyword arguments ``fn`` runs with in an eval: its defaults overridden by ``explicit``,
+    less the parameters in ``supplied`` (models, tokenizers, prompts, generators) that
+    :func:`make_method` passes itself. Defaults are recorded too, so a changed default changes the
+    run id."""
+    params = inspect.signature(fn).parameters
+    unknown = set(explicit) - set(params)
+    if unknown:
+        raise TypeError(f"{fn.__qualname__} has no parameter(s) {sorted(unknown)}")
+    return {k: explicit.get(k, p.default) for k, p in params.items()
+            if k != "self" and k not in supplied and (k in explicit or p.default is not p.empty)}
+
+
+def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int, steer_layer: int) -> dict:
+    """Every parameter that decides ``method``'s answers, grouped by the call that takes it
+    (``engine``, ``generate``, ``hybrid``, ``power``, ``sample``), plus the ``seed``."""
+    from .engine import Engine
+    from .hybrid import HybridModel
+    from .power import PowerSampler
+    p = dict(seed=seed)
+    if method in ("base", "thinking", "low-temp"):
+        p["engine"] = _call_params(Engine.__init__, {}, ("model",))
+        p["generate"] = _call_params(Engine.generate, dict(max_new_tokens=max_new_tokens,
+                                                           temperature=0.25 if method == "low-temp" else 0.0),
+                                     ("prompts", "generator", "eos_token_id"))
+    if method in STEERED_METHODS:
+        mode = "paper" if method == "hybrid-paper" else "routed"
+        p["hybrid"] = _call_params(HybridModel.__init__, dict(mode=mode, sae_layer=sae_layer, steer_layer=steer_layer),
+                                   ("base", "thinking", "sae", "vectors", "base_tokenizer", "thinking_tokenizer"))
+    if method in ("hybrid-paper", "hybrid-routed"):
+        p["generate"] = _call_params(HybridModel.generate, dict(max_new_tokens=max_new_tokens),
+                                     ("base_prompts", "thinking_prompts", "eos_token_id"))
+    if method.startswith("power-"):
+        power = dict(alpha=4.0, block_size=max(1, max_new_tokens // 4), n_mcmc=2, max_new_tokens=max_new_tokens)
+        if method != "power-hybrid":
+            power.update(method=method.split("-", 1)[1], n_particles=8)
+        p["power"] = _call_params(PowerSampler.__init__, power, ("model", "tokenizer", "eos_token_id", "steer"))
+        p["sample"] = _call_params(PowerSampler.sample, {}, ("prompts", "generator", "thinking_prompts"))
+    return p
+
+
+def make_method(name: str, base, think, tok, *, params: dict, sae=None, vectors=None, base_template=None):
+    """A callable ``problems -> [dict(output, tokens, steered_tokens)]`` for method ``name``, run with
+    ``params`` (from :func:`method_params`)."""
     from .engine import Engine
     from .prompts import BASE_TEMPLATE, power_prompt, thinking_prompt
     from .prompts import base_prompt as _base_prompt
     enc = lambda ps: [tok(p, add_special_tokens=False)["input_ids"] for p in ps]  # noqa: E731
     base_prompt = lambda q: _base_prompt(q, base_template or BASE_TEMPLATE)  # noqa: E731
+    think_prompt = lambda q: thinking_prompt(tok, q)  # noqa: E731
     eos = tok.eos_token_id
+    generator = lambda: torch.Generator().manual_seed(params["seed"])  # noqa: E731
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    if _uses_thinking(name) and think is None:
+        raise ValueError(f"method {name} needs a thinking model (--thinking PATH)")
+    if name in STEERED_METHODS and (sae is None or vectors is None):
+        raise ValueError(f"method {name} needs --sae and --vectors artifacts")
 
-    def plain(model, prompt_fn, temperature=0.0):
+    def plain(model, prompt_fn):
+        engine = Engine(model, **params["engine"])
+
         def run(problems):
-            g = torch.Generator().manual_seed(seed)
-            out = Engine(model).generate(enc([prompt_fn(p["question"]) for p in problems]), max_new_tokens,
-                                         temperature=temperature, eos_token_id=eos, generator=g)
+            out = engine.generate(enc([prompt_fn(p["question"]) for p in problems]), **params["generate"],
+                                  eos_token_id=eos, generator=generator())
             return [dict(output=tok.decode(s, skip_special_tokens=True), tokens=len(s), steered_tokens=0)
                     for s in out.sequences()]
         return run
-    if name == "base":
-        return plain(base, base_prompt)
-    if name == "power-hybrid":       # power sampling of the routed hybrid model
-        from .hybrid import HybridModel
-        from .power import PowerSampler
-        if sae is None or vectors is None or think is None:
-            raise ValueError("method power-hybrid needs --thinking (unless tiny), --sae and --vectors")
-        hm = HybridModel(base, think, sae, vectors, sae_layer=sae_layer, steer_layer=steer_layer,
-                         mode="routed", base_tokenizer=tok, thinking_tokenizer=tok)
-        ps = PowerSampler(base, alpha=4.0, block_size=max(1, max_new_tokens // 4), n_mcmc=2,
-                          max_new_tokens=max_new_tokens, tokenizer=tok, eos_token_id=eos, steer=hm)
 
-        def run(problems):
-            res = ps.sample(enc([power_prompt(p["question"]) for p in problems]),
-                            thinking_prompts=[thinking_prompt(tok, p["question"]) for p in problems],
-                            generator=torch.Generator().manual_seed(seed))
-            return [dict(output=r.text, tokens=len(r.ids), steered_tokens=0) for r in res]
-        return run
-    if name in ("thinking",) or name.startswith("hybrid-"):
-        if think is None:
-            raise ValueError(f"method {name} needs a thinking model (--thinking PATH)")
-    if name == "thinking":
-        return plain(think, lambda q: thinking_prompt(tok, q))
-    if name == "low-temp":
-        return plain(base, power_prompt, temperature=0.25)
-    if name.startswith("hybrid-"):
+    def hybrid():
         from .hybrid import HybridModel
-        if sae is None or vectors is None:
-            raise ValueError(f"method {name} needs --sae and --vectors artifacts")
-        hm = HybridModel(base, think, sae, vectors, sae_layer=sae_layer, steer_layer=steer_layer,
-                         mode=name.split("-", 1)[1], base_tokenizer=tok, thinking_tokenizer=tok)
+        return HybridModel(base, think, sae, vectors, **params["hybrid"], base_tokenizer=tok, thinking_tokenizer=tok)
+
+    if name in ("base", "low-temp", "thinking"):
+        return plain(think if name == "thinking" else base,
+                     {"base": base_prompt, "low-temp": power_prompt, "thinking": think_prompt}[name])
+    if name.startswith("hybrid-"):
+        hm = hybrid()
 
         def run(problems):
             o = hm.generate([base_prompt(p["question"]) for p in problems],
-                            [thinking_prompt(tok, p["question"]) for p in problems], max_new_tokens,
-                            eos_token_id=eos)
+                            [think_prompt(p["question"]) for p in problems], **params["generate"], eos_token_id=eos)
             return [dict(output=r.text, tokens=len(r.ids), steered_tokens=sum(r.steered)) for r in o.results]
         return run
-    if name.startswith("power-"):
-        from .power import PowerSampler
-        ps = PowerSampler(base, alpha=4.0, block_size=max(1, max_new_tokens // 4), n_mcmc=2,
-                          max_new_tokens=max_new_tokens, method=name.split("-", 1)[1], n_particles=8,
-                          tokenizer=tok, eos_token_id=eos)
+    from .power import PowerSampler
+    ps = PowerSampler(base, **params["power"], tokenizer=tok, eos_token_id=eos,
+                      steer=hybrid() if name == "power-hybrid" else None)
 
-        def run(problems):
-            res = ps.sample(enc([power_prompt(p["question"]) for p in problems]),
-                            generator=torch.Generator().manual_seed(seed))
-            return [dict(output=r.text, tokens=len(r.ids), steered_tokens=0) for r in res]
-        return run
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    def run(problems):
+        thinking = [think_prompt(p["question"]) for p in problems] if name == "power-hybrid" else None
+        res = ps.sample(enc([power_prompt(p["question"]) for p in problems]), **params["sample"],
+                        generator=generator(), thinking_prompts=thinking)
+        return [dict(output=r.text, tokens=len(r.ids), steered_tokens=0) for r in res]
+    return run
 
 
-def grade_rows(dataset, problems, outs, method, seconds):
+def grade_rows(dataset, problems, outs, method, seconds, run: RunIdentity | None = None):
+    """One result row per problem; with ``run``, each row records ``run_id`` and ``run``."""
     rows = []
     for p, o in zip(problems, outs):
         pred = extract_answer(dataset, o["output"] or "")
@@ -150,90 +259,229 @@ def grade_rows(dataset, problems, outs, method, seconds):
                          extracted=pred, gold=p["gold"], correct=grade(dataset, pred, p["gold"]),
                          tokens=o["tokens"], steered_tokens=o["steered_tokens"],
                          seconds=seconds / max(1, len(problems))))
+        if run is not None:
+            rows[-1].update(run_id=run.id, run=run.record())
     return rows
 
 
-def _shard_worker(args):
-    """Runs one shard in a (Ray) worker: builds models and the method, returns graded rows."""
-    (method, model, thinking, seed, dataset, problems, max_new_tokens, sae_dir, vec_dir, sl, stl,
-     batch, base_template) = args
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a process needs to build a method's generator (sent to Ray workers as is)."""
+    method: str
+    model: str
+    thinking: str | None
+    params: dict
+    sae_dir: str | None
+    vectors_dir: str | None
+    base_template: str | None
+
+
+def _load_artifact(loader, path, flag: str):
+    try:
+        return loader(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path}: {e}") from None
+
+
+def _build_method(spec: MethodSpec):
+    """Load the artifacts (first: a bad one is reported before any model loads), the models, and
+    make the method."""
     from .io import load_sae, load_vectors
-    base, think, tok = _models(model, seed, thinking)
-    fn = make_method(method, base, think, tok, max_new_tokens=max_new_tokens,
-                     sae=load_sae(sae_dir) if sae_dir else None,
-                     vectors=load_vectors(vec_dir) if vec_dir else None, sae_layer=sl, steer_layer=stl,
-                     seed=seed, base_template=base_template)
-    rows = []
-    for i in range(0, len(problems), batch):
-        chunk = problems[i: i + batch]
-        t0 = time.perf_counter()
-        outs = fn(chunk)
-        rows += grade_rows(dataset, chunk, outs, method, time.perf_counter() - t0)
-    return rows
+    sae = _load_artifact(load_sae, spec.sae_dir, "--sae") if spec.sae_dir else None
+    vectors = _load_artifact(load_vectors, spec.vectors_dir, "--vectors") if spec.vectors_dir else None
+    base, think, tok = _models(spec.model, spec.params["seed"], spec.thinking)
+    return make_method(spec.method, base, think, tok, params=spec.params, sae=sae, vectors=vectors,
+                       base_template=spec.base_template)
 
 
-def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False, base_template=None,
-             limit=None, offset=0,
-             out="runs/eval", model="tiny", thinking=None, seed=0, max_new_tokens=64, batch_size=4, sae_dir=None,
-             vectors_dir=None, sae_layer=2, steer_layer=1, use_ray=False, workers=2,
-             progress=True) -> dict:
-    problems = load_problems(dataset, split, path=path, limit=limit, offset=offset, hf=hf)
-    log = ResultsLog(Path(out) / "results.jsonl")
-    done = log.done()
-    todo = [p for p in problems if (p["id"], method) not in done]
-    if progress:
-        print(f"{method}: {len(problems) - len(todo)} done, {len(todo)} to go"
-              + (" (repaired a torn last line)" if log.repaired else ""), flush=True)
-    if todo and use_ray:
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def _answer(fn, chunk: list[dict], run: RunIdentity) -> list[dict]:
+    """Generate and grade one batch of problems."""
+    t0 = time.perf_counter()
+    outs = fn(chunk)
+    return grade_rows(run.data["name"], chunk, outs, run.config["method"], time.perf_counter() - t0, run)
+
+
+def _shard_worker(spec: MethodSpec, run: RunIdentity, problems: list[dict], batch_size: int) -> list[dict]:
+    """One shard in a (Ray) worker: builds the method, returns the graded rows."""
+    fn = _build_method(spec)
+    return [row for chunk in _batches(problems, batch_size) for row in _answer(fn, chunk, run)]
+
+
+def _evaluate(spec: MethodSpec, run: RunIdentity, todo: list[dict], log: ResultsLog, *, batch_size: int,
+              use_ray: bool, workers: int, progress: bool) -> None:
+    """Answer ``todo``, appending each batch's rows (each shard's, with Ray) as it finishes."""
+    if use_ray:
         import ray
         if not ray.is_initialized():
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         task = ray.remote(max_retries=2)(_shard_worker)
-        shards = [todo[i::workers] for i in range(workers)]
-        refs = [task.remote((method, model, thinking, seed, dataset, s, max_new_tokens, sae_dir, vectors_dir,
-                             sae_layer, steer_layer, batch_size, base_template)) for s in shards if s]
+        refs = [task.remote(spec, run, todo[i::workers], batch_size) for i in range(workers) if todo[i::workers]]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
             log.append(ray.get(ready[0]))
-    elif todo:
-        from .io import load_sae, load_vectors
-        base, think, tok = _models(model, seed, thinking)
-        fn = make_method(method, base, think, tok, max_new_tokens=max_new_tokens,
-                         sae=load_sae(sae_dir) if sae_dir else None,
-                         vectors=load_vectors(vectors_dir) if vectors_dir else None,
-                         sae_layer=sae_layer, steer_layer=steer_layer, seed=seed,
-                         base_template=base_template)
-        it = range(0, len(todo), batch_size)
+        return
+    fn = _build_method(spec)
+    from tqdm.auto import tqdm
+    with tqdm(_batches(todo, batch_size), desc=spec.method, disable=not progress) as chunks:
+        for chunk in chunks:        # the bar is closed (its line ended) before an interrupt is reported
+            log.append(_answer(fn, chunk, run))
+
+
+def _template_ok(template: str) -> bool:
+    """``template`` has a ``{q}`` field and formats with ``q`` alone."""
+    try:
+        template.format(q="")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return "{q}" in template
+
+
+def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_tokens, sae_layer, steer_layer,
+                   base_template, model, thinking, sae_dir, vectors_dir) -> None:
+    """Every setting in range and every input a method needs present, else a :class:`UserError`
+    naming the flag."""
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    for flag, value, least in (("--limit", limit, 1), ("--offset", offset, 0), ("--batch-size", batch_size, 1),
+                               ("--workers", workers, 1), ("--max-new-tokens", max_new_tokens, 1),
+                               ("--sae-layer", sae_layer, 0), ("--steer-layer", steer_layer, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
+    if base_template is not None and not _template_ok(base_template):
+        raise UserError(f"--base-template must contain {{q}} and no other {{}} field: {base_template!r}")
+    if _uses_thinking(method) and model != "tiny" and thinking is None:
+        raise UserError(f"--method {method} needs --thinking (the thinking model's path or hub id)")
+    if method in STEERED_METHODS and (sae_dir is None or vectors_dir is None):
+        raise UserError(f"--method {method} needs --sae and --vectors")
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+def _problems(dataset, split, path, hf, limit, offset) -> tuple[DataSource, list[dict]]:
+    """The dataset and the selected problems; an unreadable or empty file, or an empty selection,
+    is a :class:`UserError`."""
+    try:
+        source = open_dataset(dataset, split, path=path, hf=hf)
+        problems = problems_of(source, limit, offset)
+    except (OSError, ValueError) as e:
+        raise UserError(_reason(e)) from None
+    if not problems:
+        raise UserError(f"--offset {offset} selects no problems: {source.location} has {len(source.rows)}")
+    return source, problems
+
+
+def run_config(spec: MethodSpec) -> dict:
+    """Everything that decides ``spec``'s answers, as recorded in every row's ``run`` (model and
+    artifact paths must exist: a missing one is a :class:`UserError`)."""
+    from .prompts import BASE_TEMPLATE, POWER_TEMPLATE
+    models = dict(base=model_identity(spec.model, "--model"))
+    if _uses_thinking(spec.method):
+        models["thinking"] = model_identity("tiny" if spec.model == "tiny" else spec.thinking, "--thinking")
+    templates = dict(base=text_hash(spec.base_template or BASE_TEMPLATE), power=text_hash(POWER_TEMPLATE),
+                     thinking="chat template of the base model's tokenizer")
+    config = dict(method=spec.method, models=models, dtype="fp32" if spec.model == "tiny" else DTYPE,
+                  **spec.params, prompts={k: templates[k] for k in _PROMPTS[spec.method]}, version=__version__)
+    if spec.sae_dir:
+        config["artifacts"] = dict(sae=artifact_identity(spec.sae_dir, "--sae"),
+                                   vectors=artifact_identity(spec.vectors_dir, "--vectors"))
+    return config
+
+
+def _writable_results(out) -> Path:
+    """``out/results.jsonl``, once ``out`` is a folder (made if missing) where it can be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.jsonl", "a"):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {out} is not writable ({_reason(e)})") from None
+    return out / "results.jsonl"
+
+
+def refuse_other_configuration(rows: list[dict], run: RunIdentity, results: Path) -> None:
+    """A :class:`UserError` when ``results`` holds rows of ``run``'s method from another
+    configuration (or from before run ids): continuing would mix two configurations."""
+    method = run.config["method"]
+    for r in rows:
+        if r["method"] != method or r.get("run_id") == run.id:
+            continue
+        if "run" not in r:
+            raise UserError(f"{results} holds {method} rows with no recorded run configuration (an older "
+                            f"hybridfast wrote them); they cannot be continued safely: pass a new --out")
+        old = {k: v for k, v in r["run"].items() if k != "data"}
+        changes = ", ".join(differences(old, run.config)) or "the hash of its configuration"
+        raise UserError(f"{results} holds {method} rows of run {r['run_id']} and this run ({run.id}) differs in "
+                        f"{changes}; an --out continues only an identical configuration: pass a new --out "
+                        f"(or the old settings)")
+
+
+def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False, base_template=None,
+             limit=None, offset=0, out="runs/eval", model="tiny", thinking=None, seed=0, max_new_tokens=64,
+             batch_size=4, sae_dir=None, vectors_dir=None, sae_layer=2, steer_layer=1, use_ray=False, workers=2,
+             progress=True) -> dict:
+    """Evaluate ``method`` on problems ``offset .. offset + limit``, appending to
+    ``out/results.jsonl`` and continuing an identical earlier run (module doc: the resume rule).
+    Every user error is a :class:`UserError` raised before any model loads; Ctrl-C during the run
+    raises :class:`EvalInterrupted`. Returns the summary of the whole results file."""
+    check_settings(method, limit=limit, offset=offset, batch_size=batch_size, workers=workers,
+                   max_new_tokens=max_new_tokens, sae_layer=sae_layer, steer_layer=steer_layer,
+                   base_template=base_template, model=model, thinking=thinking, sae_dir=sae_dir,
+                   vectors_dir=vectors_dir)
+    source, problems = _problems(dataset, split, path, hf, limit, offset)
+    steered = method in STEERED_METHODS
+    spec = MethodSpec(method, model, thinking if _uses_thinking(method) else None,
+                      method_params(method, max_new_tokens=max_new_tokens, seed=seed, sae_layer=sae_layer,
+                                    steer_layer=steer_layer),
+                      sae_dir if steered else None, vectors_dir if steered else None, base_template)
+    run = RunIdentity(run_config(spec), source.record())
+    results = _writable_results(out)
+    with WriterLock(results):
+        log = ResultsLog(results)
+        refuse_other_configuration(log.rows(), run, results)
+        done = log.done(run.id)
+        todo = [p for p in problems if p["id"] not in done]
         if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(it, desc=method)
-        for i in it:
-            chunk = todo[i: i + batch_size]
-            t0 = time.perf_counter()
-            outs = fn(chunk)
-            log.append(grade_rows(dataset, chunk, outs, method, time.perf_counter() - t0))
-    rows = log.rows()
-    s = summarize(rows)
-    from .io import atomic_write_text
-    atomic_write_text(Path(out) / "summary.json", json.dumps(s, indent=1))
-    return s
+            print(f"{method} (run {run.id}): {len(problems) - len(todo)} done, {len(todo)} to go"
+                  + (" (repaired a torn last line)" if log.repaired else ""), flush=True)
+        try:
+            if todo:
+                _evaluate(spec, run, todo, log, batch_size=batch_size, use_ray=use_ray, workers=workers,
+                          progress=progress)
+        except KeyboardInterrupt as e:
+            saved = len({p["id"] for p in problems} & log.done(run.id))
+            raise EvalInterrupted(f"{saved} of {len(problems)} problems of run {run.id} are saved in "
+                                  f"{results}") from e
+        summary = summarize(log.rows())
+        atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=1))
+    return summary
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="hybridfast eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def _eval_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="hybridfast eval", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", required=True, choices=METHODS)
     ap.add_argument("--data", default="gsm8k", choices=["gsm8k", "math500"])
     ap.add_argument("--split", default="test")
-    ap.add_argument("--path", help="a JSONL file instead of the bundled/shared copy")
+    ap.add_argument("--path", help="a JSONL file instead of the shared copy (or the bundled sample)")
     ap.add_argument("--hf", action="store_true", help="load the dataset with `datasets` (network)")
     ap.add_argument("--base-template", help="override the base task prompt (must contain {q})")
-    ap.add_argument("--limit", type=int)
-    ap.add_argument("--offset", type=int, default=0)
-    ap.add_argument("--model", default="tiny", help="'tiny' (bundled random pair) or a base model path")
-    ap.add_argument("--thinking", help="thinking model path (for thinking / hybrid methods)")
+    ap.add_argument("--limit", type=int, help="evaluate at most this many problems (>= 1)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many problems first (>= 0)")
+    ap.add_argument("--model", default="tiny", help="'tiny' (bundled random pair), a base model path or hub id")
+    ap.add_argument("--thinking", help="thinking model path or hub id (for thinking / hybrid methods)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4, help="problems per batch (>= 1; not part of the run)")
     ap.add_argument("--sae")
     ap.add_argument("--vectors")
     ap.add_argument("--sae-layer", type=int, default=2)
@@ -241,29 +489,45 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ray", action="store_true", help="shard problems across Ray workers")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default="runs/eval")
-    a = ap.parse_args(argv)
-    if a.base_template is not None and "{q}" not in a.base_template:
-        raise SystemExit(f"--base-template must contain {{q}}: {a.base_template!r}")
-    s = run_eval(a.method, dataset=a.data, split=a.split, path=a.path, hf=a.hf,
-                 base_template=a.base_template, limit=a.limit, offset=a.offset,
-                 out=a.out, model=a.model, thinking=a.thinking, seed=a.seed, max_new_tokens=a.max_new_tokens,
-                 batch_size=a.batch_size, sae_dir=a.sae, vectors_dir=a.vectors, sae_layer=a.sae_layer,
-                 steer_layer=a.steer_layer, use_ray=a.ray, workers=a.workers)
-    print(json.dumps(s["methods"].get(a.method, {})))
+    ap.add_argument("--out", default="runs/eval", help="run folder: results.jsonl, its .lock, summary.json")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return ap
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = _eval_parser().parse_args(argv)
+    with reported(a.debug, resume="hybridfast eval " + shlex.join(argv)):
+        s = run_eval(a.method, dataset=a.data, split=a.split, path=a.path, hf=a.hf,
+                     base_template=a.base_template, limit=a.limit, offset=a.offset, out=a.out, model=a.model,
+                     thinking=a.thinking, seed=a.seed, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                     sae_dir=a.sae, vectors_dir=a.vectors, sae_layer=a.sae_layer, steer_layer=a.steer_layer,
+                     use_ray=a.ray, workers=a.workers)
+    mine = [e for e in s["methods"].values() if e["method"] == a.method and e["dataset"] == a.data]
+    print(json.dumps(mine[0]))
 
 
 def report_main(argv=None):
     from .metrics import report_markdown
-    ap = argparse.ArgumentParser(prog="hybridfast report")
-    ap.add_argument("run_dir")
-    a = ap.parse_args(argv)
-    rows = ResultsLog(Path(a.run_dir) / "results.jsonl").rows()
-    if not rows:
-        raise SystemExit(f"{a.run_dir}: no results.jsonl rows")
-    s = summarize(rows)
     from .plots import bar_svg
+    ap = ArgumentParser(prog="hybridfast report",
+                        description="report.md and accuracy.svg of a run folder: one row per (dataset, method, "
+                                    "run_id), each problem counted once")
+    ap.add_argument("run_dir")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    a = ap.parse_args(argv)
+    results = Path(a.run_dir) / "results.jsonl"
+    with reported(a.debug):
+        if not results.is_file():
+            raise UserError(f"{results}: no such file")
+        try:
+            rows = read_results(results)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if not rows:
+            raise UserError(f"{results} has no result rows")
+    s = summarize(rows)
     (Path(a.run_dir) / "accuracy.svg").write_text(
-        bar_svg({m: r["accuracy"] for m, r in s["methods"].items()}, "accuracy by method"))
+        bar_svg({label: r["accuracy"] for label, r in s["methods"].items()}, "accuracy by method"))
     (Path(a.run_dir) / "report.md").write_text(report_markdown(s) + "\n![accuracy](accuracy.svg)\n")
     print(Path(a.run_dir) / "report.md")

@@ -17,8 +17,8 @@ import torch
 
 from .artifacts import SAEParams, SteeringVectors
 
-__all__ = ["atomic_write_text", "read_jsonl", "write_jsonl", "save_tensors", "load_tensors", "save_sae", "load_sae",
-           "save_vectors", "load_vectors"]
+__all__ = ["atomic_write_text", "parse_jsonl", "read_jsonl", "write_jsonl", "save_tensors", "load_tensors",
+           "save_sae", "load_sae", "save_vectors", "load_vectors"]
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -37,17 +37,22 @@ def atomic_write_text(path, text: str) -> None:
         raise
 
 
+def parse_jsonl(text: str, where) -> list[dict]:
+    """Rows of JSON-lines text (blank lines skipped); a bad line is reported as ``where:N``."""
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
 def read_jsonl(path) -> list[dict]:
     """Rows of a JSON-lines file (blank lines skipped); a bad line is reported with its number."""
-    rows = []
     with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-    return rows
+        return parse_jsonl(f.read(), path)
 
 
 def write_jsonl(path, rows) -> None:
