@@ -1,7 +1,11 @@
-"""``hybridfast demo``: the whole pipeline on tiny bundled random-weight models, on CPU, in a few
-minutes: traces -> taxonomy (SAE) -> steering vectors -> hybrid generation (paper and routed) ->
-power sampling (MH and SMC) -> grading -> report. Random weights give meaningless accuracy; the
-demo exercises every code path and writes every artifact a real run writes.
+"""``hybridfast demo``: the whole pipeline on the embedded real model, SmolLM2-135M-Instruct, on
+CPU in minutes: traces -> taxonomy (SAE, example sentences per category) -> steering vectors ->
+hybrid generation (paper and routed) -> power sampling (MH and SMC) -> grading -> report.
+
+One model plays both sides, made to differ the way the papers' pairs do: the *thinking* side reads
+the question in its chat template with a step-by-step instruction, the *base* side reads the
+plain task prompt without a chat template. ``--tiny`` runs the same pipeline on tiny bundled
+random-weight models in seconds (meaningless accuracy; it exercises every code path).
 """
 from __future__ import annotations
 
@@ -15,7 +19,29 @@ import torch
 __all__ = ["main", "run_demo"]
 
 
-def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=0, progress=True):
+#: what the thinking side is asked to do on top of the question (the base side gets no chat template)
+THINKING_INSTRUCTION = "\nLet's think step by step."
+#: layers for the real model (30 blocks): the SAE reads the residual after block 10, steering
+#: enters block 12
+REAL_LAYERS = dict(sae_layer=10, steer_layer=12)
+TINY_LAYERS = dict(sae_layer=2, steer_layer=1)
+
+
+def _setup(model: str, seed: int):
+    """``(base, thinking, tokenizer, layers, description)``."""
+    if model == "tiny":
+        from .tiny import tiny_pair, tiny_tokenizer
+        tok = tiny_tokenizer()
+        base, think = tiny_pair(tok, seed=seed, layers=4, hidden_size=64)
+        return base, think, tok, TINY_LAYERS, "tiny random-weight pair (meaningless accuracy)"
+    from .models import load_model
+    m, tok = load_model(model)
+    return m, m, tok, REAL_LAYERS, (f"{model} as both sides (thinking: chat template + "
+                                    f"step-by-step instruction; base: plain task prompt)")
+
+
+def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=0, progress=True,
+             model="smollm2-135m", trace_tokens=96, vector_epochs=4, vector_examples=64):
     from .datasets import load_problems
     from .metrics import report_markdown, summarize
     from .eval import grade_rows
@@ -25,7 +51,6 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
     from .prompts import base_prompt, power_prompt, thinking_prompt
     from .taxonomy import (build_vector_examples, discover, generate_traces,
                            train_steering_vectors, write_discovery)
-    from .tiny import tiny_pair, tiny_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,30 +69,31 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
         return S()
 
     with stage("setup"):
-        tok = tiny_tokenizer()
-        base, think = tiny_pair(tok, seed=seed, layers=4, hidden_size=64)
+        base, think, tok, layers, setup_note = _setup(model, seed)
+        print(f"   models: {setup_note}", flush=True)
         train = load_problems("gsm8k", "train", limit=n_train)
         evalp = load_problems("gsm8k", "test", limit=n_eval)
     with stage("traces"):
-        traces = generate_traces(think, tok, [p["question"] for p in train],
-                                 max_new_tokens=96, batch_size=8, progress=progress)
+        traces = generate_traces(think, tok, [p["question"] + THINKING_INSTRUCTION for p in train],
+                                 max_new_tokens=trace_tokens, batch_size=8, progress=progress)
         write_jsonl(out / "traces.jsonl", traces)
-    sae_layer, steer_layer, K = 2, 1, 4
+    sae_layer, steer_layer, K = layers["sae_layer"], layers["steer_layer"], 4
     with stage("taxonomy"):
         sae, taxonomy, ann = discover(traces, think, tok, layer=sae_layer, n_latents=K, k=3,
                                       seed=seed, progress=progress,
                                       sae_kwargs=dict(batch_size=64, epochs=60))
-        write_discovery(out / "sae", sae, taxonomy, ann, traces, layer=sae_layer, model_id="tiny-thinking")
+        write_discovery(out / "sae", sae, taxonomy, ann, traces, layer=sae_layer, model_id=model)
     with stage("vectors"):
         exs, bias_exs = build_vector_examples(traces, ann, base, tok, K, min_target_words=3,
-                                              min_bias_words=5, n_train=64)
-        vec = train_steering_vectors(base, exs, bias_exs, K, steer_layer, epochs=4, batch_size=16,
+                                              min_bias_words=5, n_train=vector_examples)
+        vec = train_steering_vectors(base, exs, bias_exs, K, steer_layer, epochs=vector_epochs,
+                                     batch_size=16,
                                      names=[c["name"] for c in taxonomy["categories"]],
                                      progress=progress, checkpoint_dir=out / "vectors-ckpt")
-        save_vectors(out / "vectors", vec, steer_layer=steer_layer, model_id="tiny-base")
+        save_vectors(out / "vectors", vec, steer_layer=steer_layer, model_id=model)
     sae_p, vec_p = load_sae(out / "sae"), load_vectors(out / "vectors")
     bp = [base_prompt(p["question"]) for p in evalp]
-    tp = [thinking_prompt(tok, p["question"]) for p in evalp]
+    tp = [thinking_prompt(tok, p["question"] + THINKING_INSTRUCTION) for p in evalp]
     results = []
 
     def add(method, i, text, ntok, steered=0, seconds=0.0):
@@ -107,6 +133,9 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
         write_jsonl(out / "results.jsonl", results)
         summary = summarize(results)
         summary["stages_seconds"] = stages
+        summary["models"] = setup_note
+        summary["layers"] = dict(sae_layer=sae_layer, steer_layer=steer_layer)
+        summary["taxonomy_examples"] = {c["name"]: c["top"][:3] for c in taxonomy["categories"]}
         summary["taxonomy"] = dict(metrics=taxonomy["metrics"],
                                    categories=[dict(id=c["id"], name=c["name"], count=c["count"])
                                                for c in taxonomy["categories"]])
@@ -138,5 +167,13 @@ def main(argv=None):
     ap.add_argument("--n-eval", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="named model, GGUF file/folder, HF path or hub id (default: %(default)s)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random-weight models (seconds)")
+    ap.add_argument("--trace-tokens", type=int, default=96)
+    ap.add_argument("--vector-epochs", type=int, default=4)
+    ap.add_argument("--vector-examples", type=int, default=64)
     a = ap.parse_args(argv)
-    run_demo(a.out, a.n_train, a.n_eval, a.max_new_tokens, a.seed)
+    run_demo(a.out, a.n_train, a.n_eval, a.max_new_tokens, a.seed, model="tiny" if a.tiny else a.model,
+             trace_tokens=a.trace_tokens, vector_epochs=a.vector_epochs,
+             vector_examples=a.vector_examples)

@@ -11,8 +11,9 @@ from hybridfast.grading import extract_answer, grade, last_boxed
 
 
 def test_demo_command_runs_end_to_end(tmp_path):
-    """`hybridfast demo` (the README's main command), through the CLI, smaller sizes."""
-    r = subprocess.run([sys.executable, "-m", "hybridfast.cli", "demo", "--out", str(tmp_path / "demo"),
+    """`hybridfast demo` through the CLI on the tiny models (the default, SmolLM2, is the same
+    code with another model; it runs in minutes, see the README)."""
+    r = subprocess.run([sys.executable, "-m", "hybridfast.cli", "demo", "--tiny", "--out", str(tmp_path / "demo"),
                         "--n-train", "12", "--n-eval", "2", "--max-new-tokens", "24"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -26,6 +27,8 @@ def test_demo_command_runs_end_to_end(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "demo" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all({"problem", "method", "output", "correct", "tokens"} <= set(r) for r in rows)
     assert s["methods"]["hybrid-paper"]["steered_fraction"] > 0
+    assert s["layers"] == {"sae_layer": 2, "steer_layer": 1} and "tiny" in s["models"]
+    assert all(len(v) > 0 for v in s["taxonomy_examples"].values())
     html = (tmp_path / "demo" / "traces.html").read_text()
     assert "class='s'" in html and "title='idx" in html
     svg = (tmp_path / "demo" / "acceptance.svg").read_text()
