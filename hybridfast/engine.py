@@ -92,7 +92,7 @@ class Engine:
         m = self.m
         B, S = ids.shape
         span = cache.scratch + S
-        pos, slots, mask = m.prefill_plan(lengths, S, cache, span)
+        plan = m.prefill_plan(lengths, S, cache, span)
         h = m.embed(ids)
         last = (lengths - 1)
         bidx = torch.arange(B, device=ids.device)
@@ -104,7 +104,7 @@ class Engine:
                 hl = steer(h[bidx, last][:, None, :])[:, 0]
                 h = h.clone()
                 h[bidx, last] = hl
-            h = m.block(i, h, pos, slots, mask, cache, span)
+            h = m.block(i, h, plan, cache)
             if capture_layer is not None and i == capture_layer:
                 captured = h[bidx, last]
             i += 1
@@ -167,8 +167,7 @@ class Decoder:
     def step_forward(self, tok, span):
         """One decode step of the plain model: feed ``tok [B]``, return logits [B, V]."""
         m, c = self.m, self.cache
-        pos, slots, mask = m.decode_plan(c, 0, span)
-        h = m.run(m.embed(tok[:, None]), pos, slots, mask, c, span, 0, m.n_layers)
+        h = m.run(m.embed(tok[:, None]), m.decode_plan(c, 0, span), c, 0, m.n_layers)
         c.lengths += 1
         self.forwards += tok.shape[0]
         return m.logits(h[:, 0])

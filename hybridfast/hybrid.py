@@ -219,7 +219,7 @@ class HybridModel:
             ids = toks[b, :n].tolist()
             text = self.tok_b.decode(ids, skip_special_tokens=True) if self.tok_b is not None else None
             results.append(HybridResult(ids, text, cat[b, :n].tolist(), st[b, :n].tolist(),
-                                        [float(x) for x in cf[b, :n]]))
+                                        cf[b, :n].tolist()))
         return HybridOutput(results, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ paper mode
@@ -238,8 +238,7 @@ class HybridModel:
         # candidates for the last prompt position: layers >= L, as C query rows
         span = cb.scratch + ids_b.shape[1]
         cand, cat = self._route(hcap["h"], x, True)
-        pos, slots, mask = mb.candidate_plan(cb, len_b - 1, C, span)
-        hc = mb.run(cand, pos, slots, mask, cb, span, L, mb.n_layers)
+        hc = mb.run(cand, mb.candidate_plan(cb, len_b - 1, C, span), cb, L, mb.n_layers)
         logits_c = mb.logits(hc)                                         # [B, C, V]
         dec = Decoder(self.base, cb, eos, pad, 0.0, None, None)
         out_t, out_c, out_s, out_k = [], [], [], []
@@ -252,21 +251,19 @@ class HybridModel:
                 break
             # thinking: full step (logits + routing activations)
             span_t = ct.scratch + max_t + t + 1
-            pos, slots, mask = mt.decode_plan(ct, 0, span_t)
+            plan = mt.decode_plan(ct, 0, span_t)
             h = mt.embed(tok[:, None])
-            h = mt.run(h, pos, slots, mask, ct, span_t, 0, Ls + 1)
+            h = mt.run(h, plan, ct, 0, Ls + 1)
             x = h[:, 0]
-            h = mt.run(h, pos, slots, mask, ct, span_t, Ls + 1, mt.n_layers)
+            h = mt.run(h, plan, ct, Ls + 1, mt.n_layers)
             ct.lengths += 1
             logits_t = mt.logits(h[:, 0])
             # base: shared lower layers, then 1 + C rows from block L up
             span_b = cb.scratch + max_b + t + 1
-            pos, slots, mask = mb.decode_plan(cb, 0, span_b)
-            h = mb.run(mb.embed(tok[:, None]), pos, slots, mask, cb, span_b, 0, L)
+            h = mb.run(mb.embed(tok[:, None]), mb.decode_plan(cb, 0, span_b), cb, 0, L)
             cand, cat = self._route(h[:, 0], x, True)
             rows = torch.cat([h, cand], 1)
-            pos, slots, mask = mb.decode_plan(cb, C, span_b)
-            rows = mb.run(rows, pos, slots, mask, cb, span_b, L, mb.n_layers)
+            rows = mb.run(rows, mb.decode_plan(cb, C, span_b), cb, L, mb.n_layers)
             cb.lengths += 1
             lg = mb.logits(rows)
             logits_b, logits_c = lg[:, 0], lg[:, 1:]
@@ -326,14 +323,13 @@ class HybridModel:
             if t == T - 1 or ((t + 1) % self.base.sync_every == 0 and bool(dec.done.all())):
                 break
             span_t = max_t + t + 1
-            pos, slots, mask = mt.decode_plan(ct, 0, span_t)
-            x = mt.run(mt.embed(tok[:, None]), pos, slots, mask, ct, span_t, 0, Ls + 1)[:, 0]
+            x = mt.run(mt.embed(tok[:, None]), mt.decode_plan(ct, 0, span_t), ct, 0, Ls + 1)[:, 0]
             ct.lengths += 1
             span_b = max_b + t + 1
-            pos, slots, mask = mb.decode_plan(cb, 0, span_b)
-            h = mb.run(mb.embed(tok[:, None]), pos, slots, mask, cb, span_b, 0, L)
+            plan = mb.decode_plan(cb, 0, span_b)
+            h = mb.run(mb.embed(tok[:, None]), plan, cb, 0, L)
             h, rec["cat"] = route(h[:, 0], x)
-            h = mb.run(h[:, None], pos, slots, mask, cb, span_b, L, mb.n_layers)
+            h = mb.run(h[:, None], plan, cb, L, mb.n_layers)
             cb.lengths += 1
             logits = mb.logits(h[:, 0])
             dec.forwards += B

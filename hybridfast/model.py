@@ -2,14 +2,18 @@
 families: any model whose blocks are ``model.model.layers`` with ``self_attn.{q,k,v,o}_proj``,
 ``mlp``, ``input_layernorm`` and ``post_attention_layernorm``).
 
-We reuse the model's own modules (projections, norms, MLP, rotary embedding, its
-``apply_rotary_pos_emb``) and own only the cache and the attention bookkeeping:
+We reuse the model's own modules (projections, norms, MLP, rotary embedding) and own only the
+cache, the attention bookkeeping and the application of the rotary embedding (:func:`rotate`,
+bit for bit the rotate-half ``apply_rotary_pos_emb`` of these families, in fewer ops):
 
-* a preallocated static KV cache ``[B, H_kv, S0 + T, hd]`` per layer, written by position;
+* a preallocated static KV cache ``[B, 2 H_kv, S0 + T, hd]`` (keys, then values) per layer,
+  written by position;
 * slots ``0 .. S0-1`` are scratch slots for candidate rows (paper-mode steering), real token
   ``t`` of a row lives at slot ``S0 + t``; rotary position = ``t``;
 * each row has its own length, so rows of different prompt lengths and different generated
-  lengths share a batch with no padding tokens inside a sequence.
+  lengths share a batch with no padding tokens inside a sequence;
+* everything that does not depend on the layer (rotary cos/sin, the attention mask, the KV
+  write indices) is built once per forward pass into a :class:`StepPlan` shared by all blocks.
 
 Layer convention (used everywhere in hybridfast): ``steer_layer = L`` adds to the residual stream
 entering block ``L`` (Hugging Face ``hidden_states[L]``); ``sae_layer = L`` reads the residual
@@ -23,32 +27,76 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DecoderModel", "KVCache"]
+__all__ = ["DecoderModel", "KVCache", "StepPlan", "rotate"]
 
 
 @dataclass
 class KVCache:
-    """Static KV cache. ``k[l]``/``v[l]``: ``[B, H_kv, S0 + T, hd]``; ``lengths[b]``: tokens held."""
-    k: list
-    v: list
+    """Static KV cache. ``kv[l]``: ``[B, 2 H_kv, S0 + T, hd]``, keys in heads ``:H_kv`` and values
+    in heads ``H_kv:`` (one tensor, so a block writes both with one op); ``lengths[b]``: tokens
+    held."""
+    kv: list
     lengths: torch.Tensor
     scratch: int
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2] - self.scratch
+        return self.kv[0].shape[2] - self.scratch
 
     def index_select(self, rows: torch.Tensor) -> "KVCache":
         """A new cache holding the given rows (copies; used for resampling and chains)."""
-        return KVCache([t.index_select(0, rows) for t in self.k],
-                       [t.index_select(0, rows) for t in self.v],
+        return KVCache([t.index_select(0, rows) for t in self.kv],
                        self.lengths.index_select(0, rows), self.scratch)
 
     def copy_rows_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """In place: rows ``dst`` become copies of rows ``src`` (KV and lengths)."""
-        for t in self.k + self.v:
+        for t in self.kv:
             t.index_copy_(0, dst, t.index_select(0, src))
         self.lengths.index_copy_(0, dst, self.lengths.index_select(0, src))
+
+
+@dataclass
+class StepPlan:
+    """What every block of one forward pass shares, built once per pass (a decode step, a
+    prefill, a candidate pass) instead of once per layer. ``B`` rows of ``R`` queries each.
+
+    ``slots``/``rows`` index the K/V write ``cache.kv[l][rows, :, slots]``.
+    """
+    slots: torch.Tensor   #: [B, R] cache slot each query's K/V is written to
+    rows: torch.Tensor    #: [B, R] batch row of each query
+    mask: torch.Tensor    #: [B, 1, R, span] additive mask over the first span slots (0 / -inf)
+    cos: torch.Tensor     #: [B, R, 2, 1, hd/2] rotary cos, first and second half
+    sin: torch.Tensor     #: [B, R, 2, 1, hd/2] rotary sin, first half negated (see rotate)
+
+    @property
+    def span(self) -> int:
+        """Cache slots the queries attend over (``0 .. span-1``)."""
+        return self.mask.shape[-1]
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
+    """Rotary embedding of ``q [B, R, Hq, hd]`` and ``k [B, R, H_kv, hd]`` in four ops; returns
+    ``(q, kv)``: rotated queries ``[B, R, Hq, hd]`` and rotated keys then values
+    ``[B, R, 2 H_kv, hd]`` (views of one buffer).
+
+    Bit for bit the ``x * cos + rotate_half(x) * sin`` of Llama / Qwen2 / Qwen3 / Mistral, with
+    ``rotate_half(x) = [-x2 | x1]`` (``x1``, ``x2``: first and second half of a head). One
+    ``cat`` lays out per row, in half-heads, ``[X1 | X2 | X1 | V]`` (``X1``/``X2``: the halves of
+    every q and k head), so ``[X1 | X2]`` and its half-swap ``[X2 | X1]`` are both views and
+    ``[X1 | X2] * cos + [X2 | X1] * [-sin1 | sin2]`` is the rotation (``(-a) * b == a * (-b)``
+    exactly). The sum is written over ``[X2 | X1]`` in head layout, which puts the rotated keys
+    right before the values.
+    """
+    B, R, Hq, hd = q.shape
+    Hkv, h = k.shape[2], hd // 2
+    n = Hq + Hkv
+    halves = [q[..., :h], k[..., :h], q[..., h:], k[..., h:], q[..., :h], k[..., :h]]
+    y = torch.cat(halves + [v.view(B, R, 2 * Hkv, h)], 2)
+    x = y[:, :, : 2 * n].unflatten(2, (2, n))
+    swapped = y[:, :, n: 3 * n].unflatten(2, (2, n))
+    heads = y[:, :, n: 3 * n].unflatten(2, (n, 2)).transpose(2, 3)
+    torch.add(x * plan.cos, swapped * plan.sin, out=heads)
+    return y[:, :, n: n + 2 * Hq].view(B, R, Hq, hd), y[:, :, n + 2 * Hq:].view(B, R, 2 * Hkv, hd)
 
 
 class DecoderModel:
@@ -81,26 +129,44 @@ class DecoderModel:
         self.hidden_size = cfg.hidden_size
         self.vocab_size = self.lm_head.out_features
         self.scaling = getattr(attn0, "scaling", self.head_dim ** -0.5)
-        self._rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
         p = next(hf_model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        #: [-1 (first half) | +1 (second half)]: negates the first half of sin exactly
+        self._sin_sign = torch.ones(self.head_dim, dtype=self.dtype, device=self.device)
+        self._sin_sign[: self.head_dim // 2] = -1
+        self._check_rotary(sys.modules[type(attn0).__module__].apply_rotary_pos_emb)
+
+    def _check_rotary(self, apply_rotary_pos_emb):
+        """:func:`rotate` assumes the rotate-half convention: refuse a model whose own
+        ``apply_rotary_pos_emb`` disagrees with it (checked once, on random vectors)."""
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 3, n, self.head_dim, generator=g).to(self.device, self.dtype)
+                   for n in (self.n_heads, self.n_kv, self.n_kv))
+        pos = torch.arange(3, device=self.device)[None, :] * 7
+        visible = torch.ones(1, 3, 3, dtype=torch.bool, device=self.device)
+        got, _ = rotate(q, k, v, self.plan(pos, pos, visible))
+        cos, sin = self.rotary(q, pos)
+        want, _ = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if not torch.allclose(got.float(), want.transpose(1, 2).float(), rtol=1e-2, atol=1e-2):
+            raise NotImplementedError(f"{type(self.hf).__name__}: its rotary embedding is not the "
+                                      f"rotate-half convention the engine implements")
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch: int, capacity: int, scratch: int = 0,
                   layers: int | None = None) -> KVCache:
         """Zeroed cache for ``batch`` rows of ``capacity`` tokens (+ ``scratch`` slots); with
         ``layers`` only the first blocks get storage (a truncated router)."""
-        shape = (batch, self.n_kv, scratch + capacity, self.head_dim)
-        z = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        shape = (batch, 2 * self.n_kv, scratch + capacity, self.head_dim)
         n = self.n_layers if layers is None else layers
-        return KVCache([z() for _ in range(n)], [z() for _ in range(n)],
+        return KVCache([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
                        torch.zeros(batch, dtype=torch.int64, device=self.device), scratch)
 
     # ------------------------------------------------------------------ pieces
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h)).float()
 
-    def _qkv(self, layer, x, pos):
+    def _qkv(self, layer, x, plan: StepPlan):
+        """Rotated queries ``[B, R, Hq, hd]`` and the keys and values to cache (see rotate)."""
         attn = layer.self_attn
         B, R = x.shape[:2]
         q = attn.q_proj(x).view(B, R, -1, self.head_dim)
@@ -108,48 +174,52 @@ class DecoderModel:
         v = attn.v_proj(x).view(B, R, -1, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = self.rotary(x, pos)
-        q, k = self._rope(q, k, cos, sin)
-        return q, k, v
+        return rotate(q, k, v, plan)
 
-    def block(self, i: int, h: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
-              mask: torch.Tensor, cache: KVCache, span: int, write: torch.Tensor | None = None):
-        """Run decoder block ``i`` on ``h [B, R, d]``.
-
-        ``pos [B, R]``: rotary positions; ``slots [B, R]``: cache slots the new K/V go to
-        (rows with ``write`` False are not written); ``mask [B, 1, R, span]``: which of the first
-        ``span`` cache slots each query sees.
-        """
+    def block(self, i: int, h: torch.Tensor, plan: StepPlan, cache: KVCache):
+        """Run decoder block ``i`` on ``h [B, R, d]``: write the queries' K/V to their slots,
+        attend over the first ``plan.span`` slots."""
         layer = self.layers[i]
-        x = layer.input_layernorm(h)
-        q, k, v = self._qkv(layer, x, pos)
-        kc, vc = cache.k[i], cache.v[i]
-        B = h.shape[0]
-        bidx = torch.arange(B, device=h.device)[:, None].expand_as(slots)
-        if write is None:
-            kc[bidx, :, slots] = k.transpose(1, 2)
-            vc[bidx, :, slots] = v.transpose(1, 2)
-        else:
-            kc[bidx[write], :, slots[write]] = k.transpose(1, 2)[write]
-            vc[bidx[write], :, slots[write]] = v.transpose(1, 2)[write]
-        o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask,
-                                           scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+        q, kv = self._qkv(layer, layer.input_layernorm(h), plan)
+        c = cache.kv[i]
+        c[plan.rows, :, plan.slots] = kv
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), c[:, : self.n_kv, : plan.span], c[:, self.n_kv:, : plan.span],
+            attn_mask=plan.mask, scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
         o = o.transpose(1, 2).reshape(*h.shape[:2], -1)
         h = h + layer.self_attn.o_proj(o)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    # ------------------------------------------------------------------ prefill / decode
-    def prefill_plan(self, lengths: torch.Tensor, S: int, cache: KVCache, span: int):
-        """Positions, slots and causal mask for writing ``S`` (padded) tokens from slot 0."""
+    def run(self, h: torch.Tensor, plan: StepPlan, cache: KVCache, start: int, stop: int):
+        """Blocks ``start .. stop-1`` on ``h`` with one shared plan."""
+        for i in range(start, stop):
+            h = self.block(i, h, plan, cache)
+        return h
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, pos: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor) -> StepPlan:
+        """The plan for queries at rotary positions ``pos [B, R]`` writing their K/V to
+        ``slots [B, R]`` and seeing the cache slots where ``visible [B, R, span]`` is True (the
+        additive mask is what SDPA makes of a boolean one: 0 where visible, else -inf)."""
+        B, R = pos.shape
+        h = self.head_dim // 2
+        mask = torch.full(visible.shape, float("-inf"), dtype=self.dtype, device=visible.device)
+        mask.masked_fill_(visible, 0.0)
+        cos, sin = self.rotary(mask, pos)           # [B, R, hd]; mask gives only dtype and device
+        sin = sin * self._sin_sign
+        rows = torch.arange(B, device=pos.device)[:, None].expand(B, R)
+        return StepPlan(slots, rows, mask[:, None], cos.view(B, R, 2, 1, h), sin.view(B, R, 2, 1, h))
+
+    def prefill_plan(self, lengths: torch.Tensor, S: int, cache: KVCache, span: int) -> StepPlan:
+        """Plan for writing ``S`` (padded) tokens from slot 0 (causal)."""
         dev = lengths.device
         pos = torch.arange(S, device=dev)[None, :].expand(lengths.shape[0], S)
         slots = pos + cache.scratch
         j = torch.arange(span, device=dev)
-        mask = (j[None, None, :] >= cache.scratch) & (j[None, None, :] <= slots[:, :, None])
-        return pos, slots, mask[:, None]
+        visible = (j[None, None, :] >= cache.scratch) & (j[None, None, :] <= slots[:, :, None])
+        return self.plan(pos, slots, visible)
 
-    def decode_plan(self, cache: KVCache, n_extra: int, span: int):
+    def decode_plan(self, cache: KVCache, n_extra: int, span: int) -> StepPlan:
         """Plan for one new position per row plus ``n_extra`` candidate queries per row.
 
         Query 0 is the real token at position ``lengths[b]`` (written to its slot); query
@@ -165,10 +235,9 @@ class DecoderModel:
         j = torch.arange(span, device=dev)[None, None, :]
         real = (j >= cache.scratch) & (j < (L[:, None, None] + cache.scratch))
         own = j == slots[:, :, None]
-        mask = real | own
-        return pos, slots, mask[:, None]
+        return self.plan(pos, slots, real | own)
 
-    def candidate_plan(self, cache: KVCache, pos: torch.Tensor, n: int, span: int):
+    def candidate_plan(self, cache: KVCache, pos: torch.Tensor, n: int, span: int) -> StepPlan:
         """Plan for ``n`` candidate queries per row at position ``pos [B]`` whose real token is
         already cached: they see slots before it plus their own scratch slot."""
         B = pos.shape[0]
@@ -176,11 +245,6 @@ class DecoderModel:
         p = pos[:, None].expand(B, n)
         slots = torch.arange(n, device=dev)[None, :].expand(B, n)
         j = torch.arange(span, device=dev)[None, None, :]
-        mask = ((j >= cache.scratch) & (j < (pos[:, None, None] + cache.scratch))) | \
+        visible = ((j >= cache.scratch) & (j < (pos[:, None, None] + cache.scratch))) | \
             (j == slots[:, :, None])
-        return p, slots, mask[:, None]
-
-    def run(self, h, pos, slots, mask, cache, span, start: int, stop: int, write=None):
-        for i in range(start, stop):
-            h = self.block(i, h, pos, slots, mask, cache, span, write)
-        return h
+        return self.plan(p, slots, visible)

@@ -150,19 +150,19 @@ class PowerSampler:
         S = int(n_tokens.max())
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device)
-        pos, slots, mask = m.prefill_plan(n_tokens, S, cache, S)
+        plan = m.prefill_plan(n_tokens, S, cache, S)
         h = m.embed(tokens[:, :S])
         if self.steer is None:
-            h = m.run(h, pos, slots, mask, cache, S, 0, m.n_layers)
+            h = m.run(h, plan, cache, 0, m.n_layers)
             return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
         hm, mt = self.steer, self.steer.thinking.m
         gen_len = n_tokens - st["P"]
         tn = st["Pt"] + gen_len
         St = int(tn.max())
-        tpos, tslots, tmask = mt.prefill_plan(tn, St, tcache, St)
-        xt = mt.run(mt.embed(st["tt"][:, :St]), tpos, tslots, tmask, tcache, St, 0, hm.sae_layer + 1)
+        xt = mt.run(mt.embed(st["tt"][:, :St]), mt.prefill_plan(tn, St, tcache, St), tcache, 0,
+                    hm.sae_layer + 1)
         L = hm.steer_layer
-        h = m.run(h, pos, slots, mask, cache, S, 0, L)
+        h = m.run(h, plan, cache, 0, L)
         j = torch.arange(S, device=tokens.device)[None, :]
         k = j - (st["P"][:, None] - 1)                    # offset from the last prompt position
         valid = (k >= 0) & (j < n_tokens[:, None])
@@ -170,7 +170,7 @@ class PowerSampler:
         x = xt[rows[:, None], tj]
         out, _ = hm._route(h.reshape(B * S, -1), x.reshape(B * S, -1), False)
         h = torch.where(valid[..., None], out.view_as(h), h)
-        h = m.run(h, pos, slots, mask, cache, S, L, m.n_layers)
+        h = m.run(h, plan, cache, L, m.n_layers)
         return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
 
     def _extend(self, cache, tokens, start, n):
@@ -185,9 +185,8 @@ class PowerSampler:
         pos = (start[:, None] + torch.arange(S, device=tokens.device)[None, :]).clamp_max(width - 1)
         slots = pos + cache.scratch
         j = torch.arange(width + cache.scratch, device=tokens.device)[None, None, :]
-        mask = ((j >= cache.scratch) & (j <= slots[:, :, None]))[:, None]
-        m.run(m.embed(tokens[rows[:, None], pos]), pos, slots, mask, cache, width + cache.scratch, 0,
-              m.n_layers)
+        visible = (j >= cache.scratch) & (j <= slots[:, :, None])
+        m.run(m.embed(tokens[rows[:, None], pos]), m.plan(pos, slots, visible), cache, 0, m.n_layers)
         return int(n.sum())
 
     def _forward_one(self, cache, st, L, tcache=None):
@@ -198,20 +197,19 @@ class PowerSampler:
         rows = torch.arange(L.shape[0], device=L.device)
         cache.lengths.copy_(P + L - 1)
         span = int(st["tokens"].shape[1])
-        pos, slots, mask = m.decode_plan(cache, 0, span)
+        plan = m.decode_plan(cache, 0, span)
         h = m.embed(st["tokens"][rows, P + L - 1][:, None])
         if self.steer is None:
-            h = m.run(h, pos, slots, mask, cache, span, 0, m.n_layers)
+            h = m.run(h, plan, cache, 0, m.n_layers)
             return m.logits(h[:, 0])
         hm, mt = self.steer, self.steer.thinking.m
         tcache.lengths.copy_(st["Pt"] + L - 1)
         tspan = int(st["tt"].shape[1])
-        tpos, tslots, tmask = mt.decode_plan(tcache, 0, tspan)
-        x = mt.run(mt.embed(st["tt"][rows, st["Pt"] + L - 1][:, None]), tpos, tslots, tmask, tcache,
-                   tspan, 0, hm.sae_layer + 1)[:, 0]
-        h = m.run(h, pos, slots, mask, cache, span, 0, hm.steer_layer)
+        x = mt.run(mt.embed(st["tt"][rows, st["Pt"] + L - 1][:, None]),
+                   mt.decode_plan(tcache, 0, tspan), tcache, 0, hm.sae_layer + 1)[:, 0]
+        h = m.run(h, plan, cache, 0, hm.steer_layer)
         h, _ = hm._route(h[:, 0], x, False)
-        h = m.run(h[:, None], pos, slots, mask, cache, span, hm.steer_layer, m.n_layers)
+        h = m.run(h[:, None], plan, cache, hm.steer_layer, m.n_layers)
         return m.logits(h[:, 0])
 
     def _decode(self, st, cache, L, cap, max_steps, rng, first_logits=None, tcache=None):
@@ -333,7 +331,7 @@ class PowerSampler:
                 if self.reuse:
                     if not in_place:
                         for c, pc in caches:
-                            for a, b in zip(pc.k + pc.v, c.k + c.v):
+                            for a, b in zip(pc.kv, c.kv):
                                 a.copy_(b)
                     # re-feeds the token before m (its logits predict position m)
                     Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, rng, tcache=tpcache)
@@ -372,7 +370,7 @@ class PowerSampler:
                 if self.reuse and not in_place:
                     a = acc.view(-1, 1, 1, 1)
                     for c, pc in caches:
-                        for x, y in zip(c.k + c.v, pc.k + pc.v):
+                        for x, y in zip(c.kv, pc.kv):
                             torch.where(a, y, x, out=x)
             if bool(cur["eos"].all()):
                 break
@@ -451,7 +449,7 @@ class PowerSampler:
                        + torch.arange(G, device=dev)[:, None] * Np).reshape(-1)
                 tokens, lpb, lqb, L, done, cum_lp = (x.index_select(0, src) for x in
                                                      (tokens, lpb, lqb, L, done, cum_lp))
-                for x in cache.k + cache.v:
+                for x in cache.kv:
                     x.copy_(x.index_select(0, src))
                 logw = torch.where(need[:, None], torch.logsumexp(w, 1, keepdim=True) - math.log(Np),
                                    w).reshape(-1)
