@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import ops
+from .compiled import bucketed, compile_options, compile_step, mark_static
 from .model import DecoderModel, KVCache
 from .ops.rng import RandomStream
 
@@ -73,10 +74,34 @@ def pad_id(eos: list[int]) -> int:
 class Engine:
     """Owns the decode loop over one model. See the module docstring."""
 
-    def __init__(self, model, *, sync_every: int = 16):
+    def __init__(self, model, *, sync_every: int = 16, compile=False):
         self.hf = model
         self.m = DecoderModel(model)
         self.sync_every = sync_every
+        #: torch.compile options of the decode step (None: eager); see hybridfast.compiled
+        self.compile_options = compile_options(compile, self.m.device)
+        self.step = compile_step(self._step, self.compile_options)
+
+    def new_cache(self, batch: int, capacity: int, **kw) -> KVCache:
+        """A cache for ``capacity`` tokens (rounded up to the compile bucket when compiled)."""
+        cache = self.m.new_cache(batch, bucketed(capacity, self.compile_options), **kw)
+        mark_static(cache.kv + [cache.lengths], self.compile_options)
+        return cache
+
+    def span(self, cache: KVCache, used: int) -> int:
+        """Cache slots a decode step attends over: the ``used`` ones eager, all when compiled
+        (static shapes; the length mask hides the rest)."""
+        return cache.kv[0].shape[2] if self.compile_options is not None else used
+
+    def _step(self, tok: torch.Tensor, lengths: torch.Tensor, kv: list, scratch: int,
+              span: int) -> torch.Tensor:
+        """One plain decode step: feed ``tok [B]`` at each row's next position, advance
+        ``lengths`` in place, return logits ``[B, V]`` (the function ``compile=`` compiles)."""
+        m = self.m
+        c = KVCache(kv, lengths, scratch)
+        h = m.run(m.embed(tok[:, None]), m.decode_plan(c, 0, span), c, 0, m.n_layers)
+        lengths.add_(1)
+        return m.logits(h[:, 0])
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, *,
@@ -125,8 +150,7 @@ class Engine:
         pad = pad_token_id if pad_token_id is not None else pad_id(eos)
         ids, lengths = pad_prompts(prompts, pad, m.device)
         B = ids.shape[0]
-        cap = int(lengths.max()) + max_new_tokens
-        cache = m.new_cache(B, cap)
+        cache = self.new_cache(B, int(lengths.max()) + max_new_tokens)
         logits, _ = self.prefill(ids, lengths, cache)
         dec = Decoder(self, cache, eos, pad, temperature, top_k, generator)
         toks, lps, lqs = dec.run(logits, max_new_tokens, int(lengths.max()))
@@ -166,11 +190,9 @@ class Decoder:
 
     def step_forward(self, tok, span):
         """One decode step of the plain model: feed ``tok [B]``, return logits [B, V]."""
-        m, c = self.m, self.cache
-        h = m.run(m.embed(tok[:, None]), m.decode_plan(c, 0, span), c, 0, m.n_layers)
-        c.lengths += 1
+        c = self.cache
         self.forwards += tok.shape[0]
-        return m.logits(h[:, 0])
+        return self.e.step(tok, c.lengths, c.kv, c.scratch, self.e.span(c, span))
 
     def run(self, logits, max_new_tokens, max_prompt):
         toks, lps, lqs = [], [], []

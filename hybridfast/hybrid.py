@@ -32,7 +32,9 @@ import torch
 
 from . import ops
 from .artifacts import as_sae, as_vectors
+from .compiled import compile_step
 from .engine import Decoder, Engine, _eos_ids, pad_id, pad_prompts
+from .model import KVCache
 
 __all__ = ["HybridModel", "HybridResult", "HybridOutput"]
 
@@ -95,10 +97,14 @@ class HybridModel:
     def __init__(self, base, thinking, sae, vectors, *, sae_layer: int, steer_layer: int,
                  mode: str = "paper", coefficients=None, threshold: Optional[float] = None,
                  windows: Sequence[int] = (1,), base_tokenizer=None, thinking_tokenizer=None,
-                 sync_every: int = 16):
+                 sync_every: int = 16, compile=False):
         if mode not in ("paper", "routed"):
             raise ValueError(f"mode must be 'paper' or 'routed', got {mode!r}")
-        self.base, self.thinking = Engine(base, sync_every=sync_every), Engine(thinking, sync_every=sync_every)
+        self.base = Engine(base, sync_every=sync_every, compile=compile)
+        self.thinking = Engine(thinking, sync_every=sync_every, compile=compile)
+        #: the routed decode step, compiled when ``compile=`` asks (see hybridfast.compiled)
+        self._routed_step = compile_step(self._routed_step_eager, self.base.compile_options)
+        self._paper_step = compile_step(self._paper_step_eager, self.base.compile_options)
         mb, mt = self.base.m, self.thinking.m
         self.sae = as_sae(sae)
         self.vectors = as_vectors(vectors)
@@ -129,7 +135,6 @@ class HybridModel:
         if not self.windows or any(w < 0 for w in self.windows):
             raise ValueError(f"windows must be non-negative widths (0 = all positions), got {windows}")
         dev = mb.device
-        self._validated: set = set()
         self._router = self.sae.to(device=dev, dtype=torch.float32)
         self._V = self.vectors.V.to(device=dev, dtype=mb.dtype)
         self._bias = None if self.vectors.bias is None else self.vectors.bias.to(device=dev, dtype=mb.dtype)
@@ -151,21 +156,15 @@ class HybridModel:
             self.threshold = 0.0 if threshold is None else float(threshold)
 
     # ------------------------------------------------------------------ helpers
-    def _route(self, h, x, coefs_expand: bool):
-        """route_steer inside the decode loop: shapes were validated once (first call goes
-        through the public op); later calls go straight to the resolved implementation."""
+    def route(self, h, x, coefs_expand: bool = False, validate: bool = False):
+        """route_steer with this model's SAE, vectors and coefficients. The first call of a
+        generation (the prefill, eager) validates shapes; decode steps skip the checks."""
         r = self._router
-        args = (h, x.to(torch.float32), r.W_enc, r.b_enc, r.b_dec, self._V,
-                None if coefs_expand else self.coefs)
-        kw = dict(bias=self._bias, x_mean=r.x_mean, normalize=r.normalize, threshold=self.threshold,
-                  coefs=self.coefs if coefs_expand else None)
-        key = (coefs_expand, h.dtype, tuple(h.shape[1:]))
-        if key not in self._validated:
-            self._validated.add(key)
-            return ops.route_steer(*args, **kw, check_nan=False)
-        impl = ops.resolve_impl(h.device, h.dtype)
-        return ops._route_steer_impl(impl, *args, kw["bias"], kw["x_mean"], kw["normalize"],
-                                     kw["threshold"], kw["coefs"], False)
+        return ops.route_steer(h, x.to(torch.float32), r.W_enc, r.b_enc, r.b_dec, self._V,
+                               None if coefs_expand else self.coefs, bias=self._bias,
+                               x_mean=r.x_mean, normalize=r.normalize, threshold=self.threshold,
+                               coefs=self.coefs if coefs_expand else None, check_nan=False,
+                               validate=validate)
 
     def _encode(self, prompts, tok):
         if len(prompts) and isinstance(prompts[0], str):
@@ -228,8 +227,8 @@ class HybridModel:
         B = ids_b.shape[0]
         C = self.coefs.numel()
         L, Ls = self.steer_layer, self.sae_layer
-        cb = mb.new_cache(B, int(len_b.max()) + T, scratch=C)
-        ct = mt.new_cache(B, int(len_t.max()) + T)
+        cb = self.base.new_cache(B, int(len_b.max()) + T, scratch=C)
+        ct = self.thinking.new_cache(B, int(len_t.max()) + T)
         dev = mb.device
         # prefill: base unsteered (keep h entering block L at the last position), thinking full
         hcap = {}
@@ -237,7 +236,7 @@ class HybridModel:
         logits_t, x = self.thinking.prefill(ids_t, len_t, ct, capture_layer=Ls)
         # candidates for the last prompt position: layers >= L, as C query rows
         span = cb.scratch + ids_b.shape[1]
-        cand, cat = self._route(hcap["h"], x, True)
+        cand, cat = self.route(hcap["h"], x, True, validate=True)
         hc = mb.run(cand, mb.candidate_plan(cb, len_b - 1, C, span), cb, L, mb.n_layers)
         logits_c = mb.logits(hc)                                         # [B, C, V]
         dec = Decoder(self.base, cb, eos, pad, 0.0, None, None)
@@ -249,27 +248,37 @@ class HybridModel:
             out_t.append(tok), out_c.append(cat), out_s.append(steer), out_k.append(coef)
             if t == T - 1 or ((t + 1) % self.base.sync_every == 0 and bool(dec.done.all())):
                 break
-            # thinking: full step (logits + routing activations)
-            span_t = ct.scratch + max_t + t + 1
-            plan = mt.decode_plan(ct, 0, span_t)
-            h = mt.embed(tok[:, None])
-            h = mt.run(h, plan, ct, 0, Ls + 1)
-            x = h[:, 0]
-            h = mt.run(h, plan, ct, Ls + 1, mt.n_layers)
-            ct.lengths += 1
-            logits_t = mt.logits(h[:, 0])
-            # base: shared lower layers, then 1 + C rows from block L up
-            span_b = cb.scratch + max_b + t + 1
-            h = mb.run(mb.embed(tok[:, None]), mb.decode_plan(cb, 0, span_b), cb, 0, L)
-            cand, cat = self._route(h[:, 0], x, True)
-            rows = torch.cat([h, cand], 1)
-            rows = mb.run(rows, mb.decode_plan(cb, C, span_b), cb, L, mb.n_layers)
-            cb.lengths += 1
-            lg = mb.logits(rows)
-            logits_b, logits_c = lg[:, 0], lg[:, 1:]
+            logits_b, logits_c, logits_t, cat = self._paper_step(
+                tok, cb.lengths, cb.kv, ct.lengths, ct.kv, C,
+                self.base.span(cb, C + max_b + t + 1), self.thinking.span(ct, max_t + t + 1))
             dec.forwards += B
         steered = [s & (c >= 0) for s, c in zip(out_s, out_c)]
         return out_t, out_c, steered, out_k, dec.n_gen.cpu()
+
+    def _paper_step_eager(self, tok, len_b, kv_b, len_t, kv_t, scratch: int, span_b: int,
+                          span_t: int):
+        """One paper-mode decode step (the function ``compile=`` compiles): the thinking model's
+        full step gives its logits and the routing activations; the base model runs its lower
+        blocks once, then the real row plus one candidate row per coefficient from
+        ``steer_layer`` up (candidates write only their scratch slots). Both caches' lengths
+        advance in place. Returns ``(logits_b [B, V], logits_c [B, C, V], logits_t [B, V],
+        category [B])``."""
+        mb, mt = self.base.m, self.thinking.m
+        L, Ls = self.steer_layer, self.sae_layer
+        ct, cb = KVCache(kv_t, len_t, 0), KVCache(kv_b, len_b, scratch)
+        plan = mt.decode_plan(ct, 0, span_t)
+        h = mt.run(mt.embed(tok[:, None]), plan, ct, 0, Ls + 1)
+        x = h[:, 0]
+        h = mt.run(h, plan, ct, Ls + 1, mt.n_layers)
+        len_t.add_(1)
+        logits_t = mt.logits(h[:, 0])
+        h = mb.run(mb.embed(tok[:, None]), mb.decode_plan(cb, 0, span_b), cb, 0, L)
+        cand, cat = self.route(h[:, 0], x, True)
+        rows = mb.run(torch.cat([h, cand], 1), mb.decode_plan(cb, scratch, span_b), cb, L,
+                      mb.n_layers)
+        len_b.add_(1)
+        lg = mb.logits(rows)
+        return lg[:, 0], lg[:, 1:], logits_t, cat
 
     def _prefill_capture(self, eng, ids, lengths, cache, L, hcap):
         """Base prefill (unsteered) that also returns the residual entering block L at the last
@@ -296,22 +305,16 @@ class HybridModel:
     # ------------------------------------------------------------------ routed mode
     def _routed(self, ids_b, len_b, ids_t, len_t, T, eos, pad, temperature, top_k, generator,
                 do_steer=True):
-        mb, mt = self.base.m, self.thinking.m
+        mb = self.base.m
         B = ids_b.shape[0]
         L, Ls = self.steer_layer, self.sae_layer
-        cb = mb.new_cache(B, int(len_b.max()) + T)
-        ct = mt.new_cache(B, int(len_t.max()) + T, layers=Ls + 1)
+        cb = self.base.new_cache(B, int(len_b.max()) + T)
+        ct = self.thinking.new_cache(B, int(len_t.max()) + T, layers=Ls + 1)
         _, x = self.thinking.prefill(ids_t, len_t, ct, stop_layer=Ls + 1, capture_layer=Ls)
         rec = {}
 
-        def route(h, x):
-            if do_steer:
-                return self._route(h, x, False)
-            return h, torch.full((h.shape[0],), -1, dtype=torch.int64, device=h.device)
-
         def steer(hl):
-            out, cat = route(hl[:, 0], x)
-            rec["cat"] = cat
+            out, rec["cat"] = self._route_or_not(hl[:, 0], x, do_steer, validate=True)
             return out[:, None]
         logits, _ = self.base.prefill(ids_b, len_b, cb, steer_layer=L, steer=steer)
         dec = Decoder(self.base, cb, eos, pad, temperature, top_k, generator)
@@ -322,18 +325,33 @@ class HybridModel:
             out_t.append(tok), out_c.append(rec["cat"])
             if t == T - 1 or ((t + 1) % self.base.sync_every == 0 and bool(dec.done.all())):
                 break
-            span_t = max_t + t + 1
-            x = mt.run(mt.embed(tok[:, None]), mt.decode_plan(ct, 0, span_t), ct, 0, Ls + 1)[:, 0]
-            ct.lengths += 1
-            span_b = max_b + t + 1
-            plan = mb.decode_plan(cb, 0, span_b)
-            h = mb.run(mb.embed(tok[:, None]), plan, cb, 0, L)
-            h, rec["cat"] = route(h[:, 0], x)
-            h = mb.run(h[:, None], plan, cb, L, mb.n_layers)
-            cb.lengths += 1
-            logits = mb.logits(h[:, 0])
+            logits, rec["cat"] = self._routed_step(
+                tok, cb.lengths, cb.kv, ct.lengths, ct.kv, self.base.span(cb, max_b + t + 1),
+                self.thinking.span(ct, max_t + t + 1), do_steer)
             dec.forwards += B
         steered = [c >= 0 for c in out_c]
         coefs = [torch.where(c >= 0, self.coefs[c.clamp_min(0)], torch.zeros_like(self.coefs[c.clamp_min(0)]))
                  for c in out_c]
         return out_t, out_c, steered, coefs, dec.n_gen.cpu()
+
+    def _route_or_not(self, h, x, do_steer: bool, validate: bool = False):
+        if do_steer:
+            return self.route(h, x, False, validate)
+        return h, torch.full((h.shape[0],), -1, dtype=torch.int64, device=h.device)
+
+    def _routed_step_eager(self, tok, len_b, kv_b, len_t, kv_t, span_b: int, span_t: int,
+                           do_steer: bool):
+        """One routed decode step (the function ``compile=`` compiles): the truncated thinking
+        router reads ``tok``, the base model runs with ``route_steer`` entering ``steer_layer``;
+        both caches' lengths advance in place. Returns ``(logits [B, V], category [B])``."""
+        mb, mt = self.base.m, self.thinking.m
+        L, Ls = self.steer_layer, self.sae_layer
+        ct, cb = KVCache(kv_t, len_t, 0), KVCache(kv_b, len_b, 0)
+        x = mt.run(mt.embed(tok[:, None]), mt.decode_plan(ct, 0, span_t), ct, 0, Ls + 1)[:, 0]
+        len_t.add_(1)
+        plan = mb.decode_plan(cb, 0, span_b)
+        h = mb.run(mb.embed(tok[:, None]), plan, cb, 0, L)
+        h, cat = self._route_or_not(h[:, 0], x, do_steer)
+        h = mb.run(h[:, None], plan, cb, L, mb.n_layers)
+        len_b.add_(1)
+        return mb.logits(h[:, 0]), cat

@@ -95,7 +95,10 @@ def rotate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
     x = y[:, :, : 2 * n].unflatten(2, (2, n))
     swapped = y[:, :, n: 3 * n].unflatten(2, (2, n))
     heads = y[:, :, n: 3 * n].unflatten(2, (n, 2)).transpose(2, 3)
-    torch.add(x * plan.cos, swapped * plan.sin, out=heads)
+    if torch.compiler.is_compiling():     # dynamo takes no non-contiguous out=; same values
+        heads.copy_(x * plan.cos + swapped * plan.sin)
+    else:
+        torch.add(x * plan.cos, swapped * plan.sin, out=heads)
     return y[:, :, n: n + 2 * Hq].view(B, R, Hq, hd), y[:, :, n + 2 * Hq:].view(B, R, 2 * Hkv, hd)
 
 

@@ -38,7 +38,9 @@ from typing import Optional
 import torch
 
 from . import ops
+from .compiled import bucketed, compile_options, compile_step, mark_static
 from .engine import DecoderModel, _eos_ids, pad_id, pad_prompts
+from .model import KVCache
 from .ops.rng import RandomStream
 
 __all__ = ["PowerSampler", "PowerResult", "expected_mh_token_forwards"]
@@ -86,7 +88,7 @@ class PowerSampler:
                  reuse: bool = True, reject: str = "keep", official: bool = False,
                  n_particles: int = 16,
                  ess_threshold: float = 0.5, alpha_ramp: int = 0, tokenizer=None,
-                 eos_token_id=None, steer=None, sync_every: int = 16):
+                 eos_token_id=None, steer=None, sync_every: int = 16, compile=False):
         if method not in ("mh", "smc"):
             raise ValueError(f"method must be 'mh' or 'smc', got {method!r}")
         if not alpha >= 1.0:
@@ -121,6 +123,9 @@ class PowerSampler:
         self.tokenizer = tokenizer
         self.eos = _eos_ids(model, eos_token_id)
         self.sync_every = sync_every
+        #: torch.compile options of the decode step (None: eager); see hybridfast.compiled
+        self.compile_options = compile_options(compile, self.m.device)
+        self._step = compile_step(self._forward_one_eager, self.compile_options)
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, prompts):
@@ -168,7 +173,7 @@ class PowerSampler:
         valid = (k >= 0) & (j < n_tokens[:, None])
         tj = (st["Pt"][:, None] - 1 + k).clamp(0, St - 1)
         x = xt[rows[:, None], tj]
-        out, _ = hm._route(h.reshape(B * S, -1), x.reshape(B * S, -1), False)
+        out, _ = hm.route(h.reshape(B * S, -1), x.reshape(B * S, -1), False)
         h = torch.where(valid[..., None], out.view_as(h), h)
         h = m.run(h, plan, cache, L, m.n_layers)
         return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
@@ -189,26 +194,39 @@ class PowerSampler:
         m.run(m.embed(tokens[rows[:, None], pos]), m.plan(pos, slots, visible), cache, 0, m.n_layers)
         return int(n.sum())
 
+    def _new_cache(self, m, batch, width, **kw):
+        cache = m.new_cache(batch, width, **kw)
+        mark_static(cache.kv + [cache.lengths], self.compile_options)
+        return cache
+
     def _forward_one(self, cache, st, L, tcache=None):
         """Logits after feeding each row's last token (position ``P + L - 1``); steered when
         ``steer=`` is set (the thinking model reads the same token at its own position)."""
+        if self.steer is None:
+            return self._step(st["tokens"], st["P"], L, cache.lengths, cache.kv, cache.scratch)
+        return self._step(st["tokens"], st["P"], L, cache.lengths, cache.kv, cache.scratch,
+                          st["tt"], st["Pt"], tcache.lengths, tcache.kv)
+
+    def _forward_one_eager(self, tokens, P, L, lengths, kv, scratch: int, tt=None, Pt=None,
+                           tlengths=None, tkv=None):
+        """The decode step ``compile=`` compiles (static shapes: it attends over the whole
+        token buffer's width; the length mask hides the rest)."""
         m = self.m
-        P = st["P"]
         rows = torch.arange(L.shape[0], device=L.device)
-        cache.lengths.copy_(P + L - 1)
-        span = int(st["tokens"].shape[1])
-        plan = m.decode_plan(cache, 0, span)
-        h = m.embed(st["tokens"][rows, P + L - 1][:, None])
+        cache = KVCache(kv, lengths, scratch)
+        lengths.copy_(P + L - 1)
+        plan = m.decode_plan(cache, 0, tokens.shape[1])
+        h = m.embed(tokens[rows, P + L - 1][:, None])
         if self.steer is None:
             h = m.run(h, plan, cache, 0, m.n_layers)
             return m.logits(h[:, 0])
         hm, mt = self.steer, self.steer.thinking.m
-        tcache.lengths.copy_(st["Pt"] + L - 1)
-        tspan = int(st["tt"].shape[1])
-        x = mt.run(mt.embed(st["tt"][rows, st["Pt"] + L - 1][:, None]),
-                   mt.decode_plan(tcache, 0, tspan), tcache, 0, hm.sae_layer + 1)[:, 0]
+        tcache = KVCache(tkv, tlengths, 0)
+        tlengths.copy_(Pt + L - 1)
+        x = mt.run(mt.embed(tt[rows, Pt + L - 1][:, None]), mt.decode_plan(tcache, 0, tt.shape[1]),
+                   tcache, 0, hm.sae_layer + 1)[:, 0]
         h = m.run(h, plan, cache, 0, hm.steer_layer)
-        h, _ = hm._route(h[:, 0], x, False)
+        h, _ = hm.route(h[:, 0], x)
         h = m.run(h[:, None], plan, cache, hm.steer_layer, m.n_layers)
         return m.logits(h[:, 0])
 
@@ -274,24 +292,24 @@ class PowerSampler:
         N, T = len(prompts), self.max_new_tokens
         pad = pad_id(self.eos)
         ids, P = pad_prompts(prompts, pad, dev)
-        width = ids.shape[1] + T + 1
+        width = bucketed(ids.shape[1] + T + 1, self.compile_options)
         cur = dict(P=P, tokens=torch.full((N, width), pad, dtype=torch.int64, device=dev),
                    lp=torch.zeros(N, T + 1, device=dev), lq=torch.zeros(N, T + 1, device=dev),
                    eos=torch.zeros(N, dtype=torch.bool, device=dev))
         cur["tokens"][:, : ids.shape[1]] = ids
-        cache = m.new_cache(N, width)
+        cache = self._new_cache(m, N, width)
         in_place = self.reuse and self.reject == "reprefill"
-        pcache = cache if in_place else m.new_cache(N, width)
+        pcache = cache if in_place else self._new_cache(m, N, width)
         tcache = tpcache = None
         if self.steer is not None:
             mt = self.steer.thinking.m
             tids, Pt = pad_prompts(thinking_prompts, pad, dev)
-            twidth = tids.shape[1] + T + 1
+            twidth = bucketed(tids.shape[1] + T + 1, self.compile_options)
             cur["tt"] = torch.full((N, twidth), pad, dtype=torch.int64, device=dev)
             cur["tt"][:, : tids.shape[1]] = tids
             cur["Pt"] = Pt
-            tcache = mt.new_cache(N, twidth, layers=self.steer.sae_layer + 1)
-            tpcache = mt.new_cache(N, twidth, layers=self.steer.sae_layer + 1)
+            tcache = self._new_cache(mt, N, twidth, layers=self.steer.sae_layer + 1)
+            tpcache = self._new_cache(mt, N, twidth, layers=self.steer.sae_layer + 1)
         caches = [(cache, pcache)] + ([(tcache, tpcache)] if tcache is not None else [])
         L = torch.zeros(N, dtype=torch.int64, device=dev)
         fw = torch.zeros((), dtype=torch.int64, device=dev)
@@ -402,7 +420,7 @@ class PowerSampler:
         N = G * Np
         pad = pad_id(self.eos)
         ids, P = pad_prompts([p for p in prompts for _ in range(Np)], pad, dev)
-        width = ids.shape[1] + T + 1
+        width = bucketed(ids.shape[1] + T + 1, self.compile_options)
         tokens = torch.full((N, width), pad, dtype=torch.int64, device=dev)
         tokens[:, : ids.shape[1]] = ids
         lpb = torch.zeros(N, T, device=dev)
@@ -413,7 +431,7 @@ class PowerSampler:
         cum_lp = torch.zeros(N, dtype=torch.float64, device=dev)
         eos = torch.tensor(self.eos or [-1], device=dev)
         rows = torch.arange(N, device=dev)
-        cache = m.new_cache(N, width)
+        cache = self._new_cache(m, N, width)
         logits = self._prefill(cache, tokens, P)
         fw = int(P.sum())
         n_resample = 0

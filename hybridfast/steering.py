@@ -9,6 +9,12 @@ All K category vectors train in **one batched run**: each row of a batch adds it
 vector plus the frozen bias vector. The base model's weights are frozen and never get gradients.
 A run with ``checkpoint_dir`` saves every epoch (safetensors + JSON, atomically) and resumes
 from the last completed epoch.
+
+Cost: a row's positions before its first steered position do not depend on the vectors, so each
+batch encodes the prefix that all its rows share up to there once, without autograd, into a KV
+cache, and only the rest runs with gradients; logits and the loss are computed at the target
+positions only (not over the whole vocabulary at every prompt position). Batches are drawn from
+length-sorted windows of the shuffled examples, which cuts padding.
 """
 from __future__ import annotations
 
@@ -41,9 +47,55 @@ class VectorTrainResult:
     steps: int = 0
 
 
-def _batches(examples, batch_size, g):
+def _batches(examples, batch_size, g, window: int = 8):
+    """Shuffled batches; within windows of ``window`` batches the rows are sorted by length so a
+    batch holds rows of similar length (little padding, a long shared prefix)."""
     order = torch.randperm(len(examples), generator=g).tolist()
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    size = lambda i: len(examples[i].prompt_ids) + len(examples[i].target_ids)  # noqa: E731
+    span = batch_size * window
+    out = []
+    for w in range(0, len(order), span):
+        chunk = sorted(order[w: w + span], key=size)
+        out += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return out
+
+
+#: shared prefixes shorter than this run with the rest (a separate pass costs more than it saves)
+PREFIX_MIN = 32
+
+
+def _cache_kwarg(model) -> str:
+    """The name ``transformers`` gives the KV-cache argument (``cache`` from 5.x on)."""
+    import inspect
+    params = inspect.signature(type(model.model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _target_loss(model, ids, att, steer, labels, add, steer_layer, coldness):
+    """Per-row mean cross-entropy of the targets with ``add [B, S, d]`` entering
+    ``steer_layer``. The columns before the first steered position of every row are encoded
+    once without autograd into a KV cache; logits only at target positions."""
+    from transformers import DynamicCache
+    cut = int(steer.argmax(1).min())               # first steered column of the earliest row
+    if cut < PREFIX_MIN:                           # too short to pay for a second pass
+        cut = 0
+    kw = {}
+    if cut > 0:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model.model(input_ids=ids[:, :cut], attention_mask=att[:, :cut], use_cache=True,
+                        **{_cache_kwarg(model): cache})
+        kw = {_cache_kwarg(model): cache, "use_cache": True}
+    add = add[:, cut:]
+    with torch.enable_grad(), steering_hook(model, steer_layer, lambda h: h + add.to(h.dtype)):
+        hid = model.model(input_ids=ids[:, cut:], attention_mask=att, **kw).last_hidden_state
+        lab = labels[:, cut:]
+        tgt = lab != -100
+        logits = model.lm_head(hid[tgt]).float() * coldness            # [n_targets, V]
+        tok_loss = torch.nn.functional.cross_entropy(logits, lab[tgt], reduction="none")
+        rows = tgt.nonzero()[:, 0]
+        row_sum = torch.zeros(ids.shape[0], device=ids.device).index_add(0, rows, tok_loss)
+        return row_sum / tgt.sum(1).clamp_min(1)
 
 
 def _collate(examples, idx, pad, dev):
@@ -126,14 +178,10 @@ def train_vectors(model, examples: list[VectorExample], n_categories: int, steer
             if bias_t is not None:
                 add = add + bias_t
             add = steer[:, :, None] * add[:, None, :]
-            with torch.enable_grad(), steering_hook(model, steer_layer, lambda h: h + add.to(h.dtype)):
-                logits = model(input_ids=ids, attention_mask=att).logits.float() * coldness
-                tok_loss = torch.nn.functional.cross_entropy(
-                    logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-                row_loss = tok_loss.sum(1) / (labels != -100).sum(1).clamp_min(1)
-                loss = row_loss.mean()
-                opt.zero_grad()
-                loss.backward()
+            row_loss = _target_loss(model, ids, att, steer, labels, add, steer_layer, coldness)
+            opt.zero_grad()
+            with torch.enable_grad():
+                row_loss.mean().backward()
             opt.step()
             steps += 1
             tot.index_add_(0, cats, row_loss.detach())

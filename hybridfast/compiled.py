@@ -1,0 +1,61 @@
+"""Compiled decode steps: ``compile=`` on :class:`~hybridfast.Engine`,
+:class:`~hybridfast.HybridModel` and :class:`~hybridfast.PowerSampler`.
+
+A compiled step has static shapes: it attends over the cache's whole capacity (a length mask
+hides the unwritten slots, so results equal the eager step's, which attends over a growing
+span), and capacities are rounded up to a multiple of :data:`CAPACITY_BUCKET`, so prompts of
+different lengths reuse one graph per batch size. Everything data-dependent (positions, masks,
+write slots) is computed from device tensors inside the step: no host sync, nothing the graph
+has to guard on. ``torch.compile(fullgraph=True)`` proves both on CPU; on CUDA ``compile=True``
+uses ``mode="reduce-overhead"`` so the step replays as a CUDA graph, with the KV cache marked as
+a static address (the cache is written in place by every step).
+
+``compile`` takes ``False`` (eager), ``True`` (the defaults above), or a dict of
+``torch.compile`` keyword arguments (e.g. ``{"backend": "aot_eager"}``) merged over them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+
+__all__ = ["CAPACITY_BUCKET", "compile_options", "compile_step", "bucketed", "mark_static"]
+
+#: compiled steps round cache capacities up to a multiple of this many tokens
+CAPACITY_BUCKET = 256
+
+Compile = Union[bool, dict, None]
+
+
+def compile_options(compile: Compile, device: torch.device) -> Optional[dict]:
+    """``torch.compile`` keyword arguments for ``compile`` on ``device`` (None: eager)."""
+    if not compile:
+        return None
+    opts = dict(fullgraph=True, dynamic=False)
+    if torch.device(device).type == "cuda":
+        opts["mode"] = "reduce-overhead"
+    if isinstance(compile, dict):
+        opts.update(compile)
+    elif compile is not True:
+        raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
+    return opts
+
+
+def compile_step(fn: Callable, options: Optional[dict]) -> Callable:
+    """``fn`` itself when eager, else ``torch.compile(fn, **options)``."""
+    return fn if options is None else torch.compile(fn, **options)
+
+
+def bucketed(capacity: int, options: Optional[dict]) -> int:
+    """The cache capacity to allocate: rounded up to :data:`CAPACITY_BUCKET` when compiled."""
+    if options is None:
+        return capacity
+    return -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
+
+
+def mark_static(tensors, options: Optional[dict]) -> None:
+    """Mark cache tensors as static addresses for CUDA graphs (a no-op eager or on CPU)."""
+    if options is None or options.get("mode") != "reduce-overhead":
+        return
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
