@@ -17,11 +17,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import count_syncs, env_info, table, write  # noqa: E402
+from common import (add_output_flags, count_syncs, env_info, result_path, show_warnings_once,  # noqa: E402
+                    table, write)
 
 from hybridfast import HybridModel  # noqa: E402
 from hybridfast.baselines import routed_generate_hooks  # noqa: E402
 from hybridfast.engine import Engine  # noqa: E402
+from hybridfast.errors import ArgumentParser  # noqa: E402
 from hybridfast.tiny import bundled_config, model_from_config  # noqa: E402
 
 
@@ -80,22 +82,28 @@ def run(config, batches, new_tokens, prompt_len, dtype, K, naive_max_batch, seed
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny-qwen2")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--K", type=int, default=15)
-    ap.add_argument("--naive-max-batch", type=int, default=32)
-    ap.add_argument("--out")
+    ap = ArgumentParser(prog="hybridfast bench", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny-qwen2",
+                    help="bundled model config (random weights; default: %(default)s)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (default: %(default)s)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default: %(default)s)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row (default: %(default)s)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="model dtype (default: %(default)s)")
+    ap.add_argument("--K", type=int, default=15, help="SAE categories (default: %(default)s)")
+    ap.add_argument("--naive-max-batch", type=int, default=32,
+                    help="largest batch the naive hooks baseline runs (default: %(default)s)")
+    add_output_flags(ap)
     a = ap.parse_args(argv)
+    out = result_path(ap, a, f"hybrid-{a.config}")
+    show_warnings_once()
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[a.dtype]
     rows = run(a.config, a.batch, a.new_tokens, a.prompt_len, dtype, a.K, a.naive_max_batch)
     cols = ["config", "B", "base_only_tok_s", "lockstep_unsteered_tok_s", "routed_fused_tok_s",
             "routed_naive_hooks_tok_s", "paper_tok_s", "routed_vs_unsteered", "fused_vs_naive"]
     print(table(rows, cols))
-    write(f"hybrid-{a.config}", dict(env=env_info(), args=vars(a), rows=rows), a.out)
+    write(f"hybrid-{a.config}", dict(env=env_info(), args=vars(a), rows=rows), out)
     return rows
 
 

@@ -13,9 +13,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, table, time_us, write  # noqa: E402
+from common import add_output_flags, env_info, result_path, table, time_us, write  # noqa: E402
 
 import hybridfast.ops as ops  # noqa: E402
+from hybridfast.errors import ArgumentParser  # noqa: E402
 
 
 def route_case(B, d, K, dev, dtype):
@@ -26,11 +27,12 @@ def route_case(B, d, K, dev, dtype):
                                                       normalize=True, threshold=0.0)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out")
-    a = ap.parse_args()
+def main(argv=None):
+    ap = ArgumentParser(prog="bench_ops.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few shapes (CI smoke)")
+    add_output_flags(ap)
+    a = ap.parse_args(argv)
+    out = result_path(ap, a, "ops")
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     impls = ["torch"] + (["triton"] if cuda else (["cpp"] if ops.cpp_available() else []))
@@ -60,7 +62,7 @@ def main():
     print(table(rows, cols))
     small = [r["speedup"] for r in rows if r["op"] == "route_steer" and r["B"] <= 8]
     write("ops", dict(env=env_info(), impls=impls, fast_impl=fast,
-                      route_steer_min_speedup_B_le_8=min(small), rows=rows), a.out)
+                      route_steer_min_speedup_B_le_8=min(small), rows=rows), out)
 
 
 if __name__ == "__main__":

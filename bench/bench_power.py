@@ -14,29 +14,35 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, table, write  # noqa: E402
+from common import add_output_flags, env_info, result_path, show_warnings_once, table, write  # noqa: E402
 
 from hybridfast.baselines import power_official  # noqa: E402
 from hybridfast.engine import Engine  # noqa: E402
+from hybridfast.errors import ArgumentParser  # noqa: E402
 from hybridfast.power import PowerSampler, expected_mh_token_forwards  # noqa: E402
 from hybridfast.tiny import bundled_config, model_from_config  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny-qwen2")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--T", type=int, default=64)
-    ap.add_argument("--block", type=int, default=16)
-    ap.add_argument("--n-mcmc", type=int, default=4)
-    ap.add_argument("--alpha", type=float, default=4.0)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--chains", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--particles", type=int, default=16)
-    ap.add_argument("--skip-official", action="store_true")
+    ap = ArgumentParser(prog="hybridfast bench-power", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny-qwen2",
+                    help="bundled model config (random weights; default: %(default)s)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype (default: %(default)s)")
+    ap.add_argument("--T", type=int, default=64, help="tokens per sample (default: %(default)s)")
+    ap.add_argument("--block", type=int, default=16, help="MH block size (default: %(default)s)")
+    ap.add_argument("--n-mcmc", type=int, default=4, help="MH steps per block (default: %(default)s)")
+    ap.add_argument("--alpha", type=float, default=4.0, help="sample from p^alpha (default: %(default)s)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default: %(default)s)")
+    ap.add_argument("--chains", type=int, nargs="+", default=[8, 32],
+                    help="batched chain counts (default: %(default)s)")
+    ap.add_argument("--particles", type=int, default=16, help="SMC particles (default: %(default)s)")
+    ap.add_argument("--skip-official", action="store_true", help="skip the official procedure (slow)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
-    ap.add_argument("--out")
+    add_output_flags(ap)
     a = ap.parse_args(argv)
+    out = result_path(ap, a, f"power-{a.config}")
+    show_warnings_once()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     cfg = bundled_config(a.config)
@@ -107,7 +113,7 @@ def main(argv=None):
     for k, v in ratios.items():
         print(f"{k}: {v:.3g}")
     write(f"power-{a.config}", dict(env=env_info(), args=vars(a), rows=rows, ratios=ratios,
-                                    expected_token_forwards_per_chain=expected), a.out)
+                                    expected_token_forwards_per_chain=expected), out)
 
 
 if __name__ == "__main__":

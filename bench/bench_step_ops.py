@@ -22,8 +22,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, table, write  # noqa: E402
+from common import add_output_flags, env_info, result_path, show_warnings_once, table, write  # noqa: E402
 
+from hybridfast.errors import ArgumentParser  # noqa: E402
 from hybridfast.opcount import MODES, decode_step_counts  # noqa: E402
 from hybridfast.tiny import bundled_config  # noqa: E402
 
@@ -56,17 +57,22 @@ def with_baseline(rows, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", nargs="+", default=["tiny-qwen2", "tiny-llama"])
+    ap = ArgumentParser(prog="bench_step_ops.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", nargs="+", default=["tiny-qwen2", "tiny-llama"],
+                    help="bundled model configs (default: %(default)s)")
     ap.add_argument("--layers", type=int, nargs=2, default=[2, 4],
                     help="two layer counts (above steer_layer 1); per-layer = growth between them")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--batch", type=int, default=2, help="rows per decode step (default: %(default)s)")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="model dtype (default: %(default)s)")
     ap.add_argument("--impl", default="torch", choices=["torch", "cpp", "auto"],
                     help="HYBRIDFAST_IMPL for the sampler and router during the count")
     ap.add_argument("--baseline", help="an earlier bench_step_ops JSON to show beside this run")
-    ap.add_argument("--out")
+    add_output_flags(ap)
     a = ap.parse_args(argv)
+    tag = "-".join(a.config) + ("" if a.dtype == "fp32" else f"-{a.dtype}")
+    out = result_path(ap, a, f"step-ops-{tag}")
+    show_warnings_once()
     os.environ["HYBRIDFAST_IMPL"] = a.impl
     rows = run(a.config, a.layers, a.batch, DTYPES[a.dtype])
     payload = dict(env=env_info(), args=vars(a), rows=rows)
@@ -75,8 +81,7 @@ def main(argv=None):
         payload["before_env"], payload["before_rows"] = with_baseline(rows, a.baseline)
         cols = COLS + ["before_ops_per_layer", "before_ops_per_step", "before_syncs_per_step"]
     print(table(rows, cols))
-    tag = "-".join(a.config) + ("" if a.dtype == "fp32" else f"-{a.dtype}")
-    write(f"step-ops-{tag}", payload, a.out)
+    write(f"step-ops-{tag}", payload, out)
     return rows
 
 

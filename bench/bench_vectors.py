@@ -14,22 +14,27 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, table, write  # noqa: E402
+from common import add_output_flags, env_info, result_path, show_warnings_once, table, write  # noqa: E402
 
+from hybridfast.errors import ArgumentParser  # noqa: E402
 from hybridfast.steering import VectorExample, train_vectors  # noqa: E402
 from hybridfast.tiny import bundled_config, model_from_config  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="tiny-qwen2")
-    ap.add_argument("--K", type=int, nargs="+", default=[5, 15, 50])
-    ap.add_argument("--per-category", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap = ArgumentParser(prog="bench_vectors.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny-qwen2",
+                    help="bundled model config (random weights; default: %(default)s)")
+    ap.add_argument("--K", type=int, nargs="+", default=[5, 15, 50], help="category counts (default: %(default)s)")
+    ap.add_argument("--per-category", type=int, default=8, help="examples per category (default: %(default)s)")
+    ap.add_argument("--epochs", type=int, default=3, help="training epochs (default: %(default)s)")
     ap.add_argument("--rows-per-category", type=int, default=2,
                     help="rows per category in a batch (batched batch = K x this)")
-    ap.add_argument("--out")
+    add_output_flags(ap)
     a = ap.parse_args(argv)
+    out = result_path(ap, a, f"vectors-{a.config}")
+    show_warnings_once()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = bundled_config(a.config)
     model = model_from_config(cfg, seed=0, device=dev)
@@ -55,7 +60,7 @@ def main(argv=None):
                          sequential_s=ts, sequential_steps=steps, speedup=ts / tb))
     print(table(rows, ["K", "examples", "batched_s", "batched_steps", "sequential_s",
                        "sequential_steps", "speedup"]))
-    write(f"vectors-{a.config}", dict(env=env_info(), args=vars(a), rows=rows), a.out)
+    write(f"vectors-{a.config}", dict(env=env_info(), args=vars(a), rows=rows), out)
 
 
 if __name__ == "__main__":

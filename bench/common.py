@@ -1,7 +1,15 @@
-"""Shared benchmark plumbing: environment record, timing, table and JSON output."""
+"""Shared benchmark plumbing: environment record, timing, table and JSON output.
+
+Result files: a run writes a new ``bench/results/<name>-<device>-<UTC time>.json`` and never
+replaces an earlier result; ``--overwrite`` writes ``bench/results/<name>-<device>.json`` (the
+file the README cites) instead; ``--out PATH`` writes PATH, refusing an existing file unless
+``--overwrite``. A warning that repeats (e.g. transformers' eos warning on every ``generate``)
+is shown once.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -13,6 +21,61 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _device_tag() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_output_flags(ap) -> None:
+    """``--out`` and ``--overwrite``, as every benchmark takes them (see the module doc)."""
+    ap.add_argument("--out", help="JSON path to write (default: a new timestamped file in bench/results)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write bench/results/<name>-<device>.json (the file the README cites), replacing it; "
+                         "with --out: replace an existing file")
+
+
+def result_path(ap, a, name: str) -> Path:
+    """Where a benchmark named ``name`` writes, from its ``--out``/``--overwrite`` flags (call it
+    before the run: a refused path is a usage error, exit 2, before any time is spent)."""
+    if a.out:
+        path = Path(a.out)
+        if path.exists() and not a.overwrite:
+            ap.error(f"--out {path} exists; pass --overwrite to replace it")
+        return path
+    stem = f"{name}-{_device_tag()}"
+    if a.overwrite:
+        return RESULTS / f"{stem}.json"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path, n = RESULTS / f"{stem}-{stamp}.json", 1
+    while path.exists():
+        n += 1
+        path = RESULTS / f"{stem}-{stamp}-{n}.json"
+    return path
+
+
+class _Once(logging.Filter):
+    """Passes each distinct (level, message) once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record) -> bool:
+        key = (record.levelno, record.getMessage())
+        first = key not in self.seen
+        self.seen.add(key)
+        return first
+
+
+def show_warnings_once() -> None:
+    """From now on, each distinct warning (Python ``warnings`` and transformers' log) shows once."""
+    import warnings
+    from transformers.utils import logging as hf_logging
+    once = _Once()
+    for handler in hf_logging.get_logger("transformers").handlers:
+        handler.addFilter(once)
+    warnings.simplefilter("once", append=True)      # after the default ignores (ResourceWarning, ...)
 
 
 def env_info() -> dict:
@@ -31,10 +94,11 @@ def env_info() -> dict:
         commit, dirty = None, None
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {cpu}"
@@ -94,11 +158,11 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def write(name: str, payload: dict, out: str | None = None) -> Path:
-    """Write ``bench/results/<name>-<device>.json`` atomically and print the final JSON line."""
+def write(name: str, payload: dict, out=None) -> Path:
+    """Write ``out`` (default ``bench/results/<name>-<device>.json``) atomically and print the final
+    JSON line."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if torch.cuda.is_available() else "cpu"
-    path = Path(out) if out else RESULTS / f"{name}-{tag}.json"
+    path = Path(out) if out else RESULTS / f"{name}-{_device_tag()}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)

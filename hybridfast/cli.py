@@ -1,22 +1,32 @@
-"""Command line: ``hybridfast {demo,eval,report,discover,train-vectors,power-sample,bench,...}``."""
+"""Command line: ``hybridfast {demo,eval,report,discover,train-vectors,power-sample,bench,...}``.
+
+``hybridfast --version`` prints the version; a usage error (no or an unknown command) is one line
+``hybridfast: error: ...`` with exit status 2. ``hybridfast COMMAND --help`` describes each
+command and its flags.
+"""
 from __future__ import annotations
 
-import argparse
 import importlib
 import runpy
 import sys
 from pathlib import Path
 
+from . import __version__
+from .errors import ArgumentParser
+
 # command -> (help, "module:function" taking argv, or a bench script name)
 COMMANDS = {
-    "demo": ("run the whole pipeline on tiny bundled models", "hybridfast.demo:main"),
+    "demo": ("the whole pipeline on SmolLM2-135M in minutes (--tiny: tiny random models, seconds)",
+             "hybridfast.demo:main"),
     "eval": ("evaluate a method on GSM8K/MATH500 (resumable, optional Ray)", "hybridfast.eval:main"),
     "report": ("markdown report of a run directory", "hybridfast.eval:report_main"),
     "discover": ("taxonomy discovery (traces, SAE)", "hybridfast.pipeline_cli:discover_main"),
     "train-vectors": ("train the steering vectors", "hybridfast.pipeline_cli:train_vectors_main"),
     "power-sample": ("power-sample prompts from a JSONL file (resumable)", "hybridfast.power_cli:main"),
-    "bench": ("tokens/sec of the hybrid modes vs baselines (bench/bench_hybrid.py)", "bench_hybrid"),
-    "bench-power": ("power-sampling benchmark (bench/bench_power.py)", "bench_power"),
+    "bench": ("tokens/sec of the hybrid modes vs baselines (bench/bench_hybrid.py; new timestamped "
+              "result file unless --overwrite)", "bench_hybrid"),
+    "bench-power": ("power-sampling benchmark (bench/bench_power.py; new timestamped result file unless "
+                    "--overwrite)", "bench_power"),
 }
 
 
@@ -30,12 +40,14 @@ def _run_bench(name: str, argv: list) -> None:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="hybridfast", description="hybrid steering and power sampling engine")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = ArgumentParser(prog="hybridfast", description="hybrid steering and power sampling engine; "
+                        "`hybridfast COMMAND --help` describes a command")
+    ap.add_argument("--version", action="version", version=f"hybridfast {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name, (help_, _) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
     if not argv or argv[0] not in COMMANDS:
-        ap.parse_args(argv)       # prints help, or the error naming the unknown command
+        ap.parse_args(argv)       # --help, --version, or the one-line error naming the problem
         return
     target = COMMANDS[argv[0]][1]
     if ":" not in target:
