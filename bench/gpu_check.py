@@ -13,8 +13,10 @@ script exits 1 if any correctness check failed):
 * ``kernel_times``: median microseconds of Triton vs the eager reference vs the reference under
   ``torch.compile``.
 * ``generation``: tokens/s of plain decode, routed (fused), routed via naive hooks, paper mode
-  and MH power sampling on random-weight bundled configs, with host syncs per token counted by
-  CUDA's sync debug mode; power sampling and seeded decoding are driven by a CPU generator.
+  and MH power sampling on random-weight bundled configs, eager and with ``compile=True``
+  (``--smoke``: the eager backend, to exercise graph capture cheaply), with host syncs per token
+  counted by CUDA's sync debug mode; power sampling and seeded decoding are driven by a CPU
+  generator.
 """
 from __future__ import annotations
 
@@ -241,7 +243,7 @@ def timed(fn):
 
 
 def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budget_s: float,
-               naive_max_batch: int = 8, K: int = 15):
+               naive_max_batch: int = 8, K: int = 15, compile=True):
     from hybridfast import HybridModel, PowerSampler
     from hybridfast.baselines import routed_generate_hooks
     from hybridfast.engine import Engine
@@ -259,11 +261,17 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
            (torch.randn(d, generator=g) * 0.01).to(dev, dtype))
     coefs = torch.rand(K, generator=g).tolist()
     kw = dict(sae_layer=n // 2, steer_layer=n // 3)
-    eng = Engine(base)
-    hr = HybridModel(base, think, sae, vec, mode="routed", coefficients=coefs, threshold=0.0, **kw)
-    hp = HybridModel(base, think, sae, vec, coefficients=[0.25, 0.5, 1.0], **kw)
-    ps = PowerSampler(base, alpha=4.0, block_size=max(1, new_tokens // 4), n_mcmc=2,
-                      max_new_tokens=new_tokens, eos_token_id=-1)
+    pkw = dict(alpha=4.0, block_size=max(1, new_tokens // 4), n_mcmc=2, max_new_tokens=new_tokens,
+               eos_token_id=-1)
+
+    def build(c):
+        return (Engine(base, compile=c),
+                HybridModel(base, think, sae, vec, mode="routed", coefficients=coefs, threshold=0.0,
+                            compile=c, **kw),
+                HybridModel(base, think, sae, vec, coefficients=[0.25, 0.5, 1.0], compile=c, **kw),
+                PowerSampler(base, compile=c, **pkw))
+    eng, hr, hp, ps = build(False)
+    engc, hrc, hpc, psc = build(compile)
     rows = []
     for B in batches:
         prompts = torch.randint(3, V, (B, prompt_len), generator=g).tolist()
@@ -278,6 +286,11 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
                                                       steer=False),
             "paper": lambda: hp.generate(prompts, tprompts, new_tokens, eos_token_id=-1),
             "mh": lambda: ps.sample(prompts, generator=cpu_gen()),
+            # compiled steps (the first, untimed call compiles; CUDA: replayed as CUDA graphs)
+            "plain_compiled": lambda: engc.generate(prompts, new_tokens, eos_token_id=-1),
+            "routed_compiled": lambda: hrc.generate(prompts, tprompts, new_tokens, eos_token_id=-1),
+            "paper_compiled": lambda: hpc.generate(prompts, tprompts, new_tokens, eos_token_id=-1),
+            "mh_compiled": lambda: psc.sample(prompts, generator=cpu_gen()),
         }
         if B <= naive_max_batch:
             modes["routed_naive_hooks"] = lambda: routed_generate_hooks(
@@ -291,8 +304,8 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
             def one(fn=fn, name=name):
                 out, dt, syncs = timed(fn)
                 r = dict(tok_s=B * new_tokens / dt, seconds=dt)
-                if name == "mh":
-                    st = ps.last_stats
+                if name.startswith("mh"):
+                    st = (psc if name == "mh_compiled" else ps).last_stats
                     r["decoded_tok_s"] = st["decoded_tokens"] / dt
                     r["token_forwards"] = st["token_forwards"]
                     r["tok_s"] = st["decoded_tokens"] / dt
@@ -305,6 +318,27 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
                 return r
             guarded(rows, dict(config=config, B=B, mode=name, new_tokens=new_tokens), one)
     return rows
+
+
+def ratios(rows):
+    """Per (config, B): routed/plain and paper/plain (eager and compiled), compiled/eager and
+    fused routed/naive hooks, from the generation rows' tokens/s."""
+    out = []
+    keys = sorted({(r["config"], r.get("B")) for r in rows if "tok_s" in r}, key=str)
+    pairs = dict(routed_vs_plain=("routed", "plain"), paper_vs_plain=("paper", "plain"),
+                 routed_vs_plain_compiled=("routed_compiled", "plain_compiled"),
+                 paper_vs_plain_compiled=("paper_compiled", "plain_compiled"),
+                 plain_compiled_vs_eager=("plain_compiled", "plain"),
+                 routed_compiled_vs_eager=("routed_compiled", "routed"),
+                 mh_compiled_vs_eager=("mh_compiled", "mh"),
+                 routed_vs_naive_hooks=("routed", "routed_naive_hooks"))
+    for config, B in keys:
+        tps = {r["mode"]: r["tok_s"] for r in rows if r["config"] == config and r.get("B") == B
+               and "tok_s" in r}
+        row = dict(config=config, B=B)
+        row.update({k: tps[a] / tps[b] for k, (a, b) in pairs.items() if a in tps and b in tps})
+        out.append(row)
+    return out
 
 
 def main(argv=None):
@@ -330,10 +364,12 @@ def main(argv=None):
     for i, c in enumerate(configs):
         left = a.budget_s - (time.perf_counter() - t0)
         guarded(gen_rows, dict(config=c, mode="load"), lambda: dict(rows=generation(
-            dev, c, batches, new_tokens, 32, left / (len(configs) - i))))
+            dev, c, batches, new_tokens, 32, left / (len(configs) - i),
+            compile={"backend": "eager"} if a.smoke else True)))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()     # the config's models are gone with generation()'s frame
     payload["generation"] = [r for x in gen_rows for r in (x.get("rows") or [x])]
+    payload["ratios"] = ratios(payload["generation"])
     payload["failed_checks"] = sum(not r.get("ok", True) for r in payload["kernels"])
     payload["errors"] = sum("error" in r for sec in ("kernels", "kernel_times", "generation")
                             for r in payload[sec])
@@ -350,6 +386,8 @@ def main(argv=None):
                                           "ref_compiled_us", "vs_eager", "vs_compiled", "GB_s", "error"]))
     print(table(payload["generation"], ["config", "B", "mode", "tok_s", "syncs_per_token",
                                         "token_forwards", "skipped", "error"]))
+    print(table(payload["ratios"], ["config", "B", "routed_vs_plain_compiled", "paper_vs_plain_compiled",
+                                    "plain_compiled_vs_eager", "routed_vs_naive_hooks"]))
     print(f"failed checks: {payload['failed_checks']}, errors: {payload['errors']}, "
           f"{payload['seconds']:.0f} s")
     return 1 if payload["failed_checks"] or payload["errors"] else 0
