@@ -4,6 +4,7 @@ vectors (DESIGN.md sections 1.1 and 1.2). Lower-level pieces live in ``sentences
 """
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 
 from .activations import sentence_activations
 from .artifacts import SteeringVectors
+from .checkpoints import claim_checkpoint, digest
 from .engine import Engine
 from .io import read_jsonl, save_sae, write_jsonl
 from .prompts import base_prompt, thinking_prompt
@@ -22,7 +24,7 @@ from .sentences import extract_thinking
 from .steering import VectorExample, train_vectors
 
 __all__ = ["generate_traces", "discover", "build_vector_examples", "train_steering_vectors",
-           "Annotated", "openai_labeller"]
+           "vector_training_config", "Annotated", "openai_labeller"]
 
 
 def generate_traces(model, tokenizer, questions: list[str], *, max_new_tokens: int = 1000,
@@ -168,10 +170,38 @@ def build_vector_examples(traces, ann: Annotated, base, base_tokenizer, n_catego
     return chosen, bias
 
 
+#: train_vectors arguments that schedule or report the work without changing its result
+_SCHEDULING = ("bias", "checkpoint_dir", "progress", "max_epochs_this_call")
+
+
+def _examples_digest(examples) -> str:
+    return digest([[list(map(int, e.prompt_ids)), list(map(int, e.target_ids)), int(e.category)] for e in examples])
+
+
+def vector_training_config(base, examples, bias_examples, n_categories: int, steer_layer: int, settings: dict,
+                           identity: dict | None = None) -> dict:
+    """What decides the vectors :func:`train_steering_vectors` trains: the steer layer, K, the base
+    model's width, every :func:`~hybridfast.steering.train_vectors` setting (defaults included),
+    digests of both example sets, and the caller's ``identity`` (e.g. the model and its dtype)."""
+    params = inspect.signature(train_vectors).parameters
+    hyper = {k: settings.get(k, p.default) for k, p in params.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _SCHEDULING}
+    return dict(steer_layer=steer_layer, n_categories=n_categories, d=base.config.hidden_size, **hyper,
+                examples=_examples_digest(examples), bias_examples=_examples_digest(bias_examples),
+                identity=identity or {})
+
+
 def train_steering_vectors(base, examples, bias_examples, n_categories: int, steer_layer: int, *,
-                           names=None, checkpoint_dir=None, progress=False, **kw) -> SteeringVectors:
-    """Bias vector first (frozen afterwards), then all K category vectors in one batched run."""
+                           names=None, checkpoint_dir=None, identity=None, restart=False, progress=False,
+                           **kw) -> SteeringVectors:
+    """Bias vector first (frozen afterwards), then all K category vectors in one batched run.
+    With ``checkpoint_dir`` the run resumes only a checkpoint of the same
+    :func:`vector_training_config` (else :class:`~hybridfast.checkpoints.CheckpointMismatch`);
+    ``restart`` discards the checkpoint first."""
     ck = Path(checkpoint_dir) if checkpoint_dir else None
+    if ck is not None:
+        claim_checkpoint(ck, vector_training_config(base, examples, bias_examples, n_categories, steer_layer, kw,
+                                                    identity), restart=restart)
     bias = None
     if bias_examples:
         rb = train_vectors(base, bias_examples, 1, steer_layer, progress=progress,

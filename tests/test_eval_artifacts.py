@@ -1,5 +1,6 @@
-"""Runs that cannot silently give wrong numbers, part two: the CLI reports its version, its
-usage errors are one line, and a benchmark never overwrites a result unasked."""
+"""Runs that cannot silently give wrong numbers, part two: a non-finite tensor in an artifact is
+refused naming it, checkpoints resume only their own configuration, the CLI reports its version,
+its usage errors are one line, and a benchmark never overwrites a result unasked."""
 import json
 import subprocess
 import sys
@@ -9,8 +10,14 @@ import pytest
 import torch
 
 import hybridfast
+import hybridfast.eval as ev
+from hybridfast.artifacts import SAEParams, SteeringVectors
+from hybridfast.eval import main
+from hybridfast.io import save_sae, save_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--limit", "1", "--batch-size", "1", "--max-new-tokens", "4"]
+
 
 
 def _cli(*args):
@@ -24,11 +31,56 @@ def _error_line(text: str) -> str:
     return lines[0]
 
 
-def _refused(argv, capsys, entry) -> str:
+def _refused(argv, capsys, entry=main) -> str:
     with pytest.raises(SystemExit) as e:
         entry(argv)
     assert e.value.code == 2
     return _error_line(capsys.readouterr().err)
+
+
+def _forbid_model_loading(monkeypatch):
+    monkeypatch.setattr(ev, "_models", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def _artifacts(folder, *, sae_layer=3, steer_layer=2, K=3, vectors_K=None, threshold=None,
+               sae_model="tiny-thinking", vectors_model="tiny-base", d=64):
+    """An SAE and a vectors folder for the tiny pair (hidden size 64, 4 blocks)."""
+    g = torch.Generator().manual_seed(0)
+    sae = SAEParams(torch.randn(d, K, generator=g), torch.zeros(K), torch.zeros(d))
+    vec = SteeringVectors(torch.randn(vectors_K or K, d, generator=g), torch.randn(d, generator=g))
+    save_sae(folder / "sae", sae, layer=sae_layer, model_id=sae_model)
+    save_vectors(folder / "vec", vec, steer_layer=steer_layer, model_id=vectors_model, threshold=threshold)
+    return str(folder / "sae"), str(folder / "vec")
+
+
+@pytest.mark.parametrize("which,tensor,value", [("vec", "V", float("nan")), ("vec", "bias", float("inf")),
+                                                ("sae", "b_enc", float("-inf")), ("sae", "W_enc", float("nan"))])
+def test_a_non_finite_tensor_is_refused_naming_it_and_its_artifact(tmp_path, capsys, monkeypatch, which, tensor,
+                                                                   value):
+    from hybridfast.io import load_tensors, save_tensors
+    sae, vec = _artifacts(tmp_path)
+    path = Path(sae if which == "sae" else vec, "sae.safetensors" if which == "sae" else "vectors.safetensors")
+    t = load_tensors(path)
+    t[tensor].view(-1)[1] = value
+    save_tensors(path, t)
+    _forbid_model_loading(monkeypatch)
+    line = _refused(["--method", "hybrid-routed", "--sae", sae, "--vectors", vec, "--out", str(tmp_path / "r"), *FAST],
+                    capsys)
+    flag, kind, folder = ("--sae", "SAE", sae) if which == "sae" else ("--vectors", "vectors", vec)
+    assert line.startswith(f"hybridfast: error: {flag} {folder}: {kind} {folder}: tensor {tensor!r} has 1 "
+                           f"non-finite value(s) (NaN or inf)")
+
+
+def test_a_checkpoint_without_a_recorded_configuration_is_not_resumed(tmp_path):
+    from hybridfast.checkpoints import CheckpointMismatch, claim_checkpoint
+    (tmp_path / "ck" / "categories").mkdir(parents=True)
+    (tmp_path / "ck" / "categories" / "checkpoint.json").write_text("{}")
+    with pytest.raises(CheckpointMismatch, match="records no configuration"):
+        claim_checkpoint(tmp_path / "ck", dict(steer_layer=1))
+    claim_checkpoint(tmp_path / "ck", dict(steer_layer=1), restart=True)
+    assert not (tmp_path / "ck" / "categories").exists()
+    with pytest.raises(CheckpointMismatch, match=r"steer_layer: 1 -> 2"):
+        claim_checkpoint(tmp_path / "ck", dict(steer_layer=2))
 
 
 def test_version_and_top_level_errors():
