@@ -272,6 +272,9 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
                 PowerSampler(base, compile=c, **pkw))
     eng, hr, hp, ps = build(False)
     engc, hrc, hpc, psc = build(compile)
+    engf = Engine(base, compile=compile, attention="flex")
+    hrf = HybridModel(base, think, sae, vec, mode="routed", coefficients=coefs, threshold=0.0,
+                      compile=compile, attention="flex", **kw)
     rows = []
     for B in batches:
         prompts = torch.randint(3, V, (B, prompt_len), generator=g).tolist()
@@ -291,6 +294,9 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
             "routed_compiled": lambda: hrc.generate(prompts, tprompts, new_tokens, eos_token_id=-1),
             "paper_compiled": lambda: hpc.generate(prompts, tprompts, new_tokens, eos_token_id=-1),
             "mh_compiled": lambda: psc.sample(prompts, generator=cpu_gen()),
+            # FlexAttention (block mask) instead of SDPA with a dense additive mask
+            "plain_compiled_flex": lambda: engf.generate(prompts, new_tokens, eos_token_id=-1),
+            "routed_compiled_flex": lambda: hrf.generate(prompts, tprompts, new_tokens, eos_token_id=-1),
         }
         if B <= naive_max_batch:
             modes["routed_naive_hooks"] = lambda: routed_generate_hooks(
@@ -331,7 +337,8 @@ def ratios(rows):
                  plain_compiled_vs_eager=("plain_compiled", "plain"),
                  routed_compiled_vs_eager=("routed_compiled", "routed"),
                  mh_compiled_vs_eager=("mh_compiled", "mh"),
-                 routed_vs_naive_hooks=("routed", "routed_naive_hooks"))
+                 routed_vs_naive_hooks=("routed", "routed_naive_hooks"),
+                 flex_vs_sdpa_compiled=("plain_compiled_flex", "plain_compiled"))
     for config, B in keys:
         tps = {r["mode"]: r["tok_s"] for r in rows if r["config"] == config and r.get("B") == B
                and "tok_s" in r}
@@ -387,7 +394,8 @@ def main(argv=None):
     print(table(payload["generation"], ["config", "B", "mode", "tok_s", "syncs_per_token",
                                         "token_forwards", "skipped", "error"]))
     print(table(payload["ratios"], ["config", "B", "routed_vs_plain_compiled", "paper_vs_plain_compiled",
-                                    "plain_compiled_vs_eager", "routed_vs_naive_hooks"]))
+                                    "plain_compiled_vs_eager", "flex_vs_sdpa_compiled",
+                                    "routed_vs_naive_hooks"]))
     print(f"failed checks: {payload['failed_checks']}, errors: {payload['errors']}, "
           f"{payload['seconds']:.0f} s")
     return 1 if payload["failed_checks"] or payload["errors"] else 0

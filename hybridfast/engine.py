@@ -74,9 +74,9 @@ def pad_id(eos: list[int]) -> int:
 class Engine:
     """Owns the decode loop over one model. See the module docstring."""
 
-    def __init__(self, model, *, sync_every: int = 16, compile=False):
+    def __init__(self, model, *, sync_every: int = 16, compile=False, attention: str = "sdpa"):
         self.hf = model
-        self.m = DecoderModel(model)
+        self.m = DecoderModel(model, attention)
         self.sync_every = sync_every
         #: torch.compile options of the decode step (None: eager); see hybridfast.compiled
         self.compile_options = compile_options(compile, self.m.device)

@@ -97,11 +97,11 @@ class HybridModel:
     def __init__(self, base, thinking, sae, vectors, *, sae_layer: int, steer_layer: int,
                  mode: str = "paper", coefficients=None, threshold: Optional[float] = None,
                  windows: Sequence[int] = (1,), base_tokenizer=None, thinking_tokenizer=None,
-                 sync_every: int = 16, compile=False):
+                 sync_every: int = 16, compile=False, attention: str = "sdpa"):
         if mode not in ("paper", "routed"):
             raise ValueError(f"mode must be 'paper' or 'routed', got {mode!r}")
-        self.base = Engine(base, sync_every=sync_every, compile=compile)
-        self.thinking = Engine(thinking, sync_every=sync_every, compile=compile)
+        self.base = Engine(base, sync_every=sync_every, compile=compile, attention=attention)
+        self.thinking = Engine(thinking, sync_every=sync_every, compile=compile, attention=attention)
         #: the routed decode step, compiled when ``compile=`` asks (see hybridfast.compiled)
         self._routed_step = compile_step(self._routed_step_eager, self.base.compile_options)
         self._paper_step = compile_step(self._paper_step_eager, self.base.compile_options)

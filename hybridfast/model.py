@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DecoderModel", "KVCache", "StepPlan", "rotate"]
+__all__ = ["DecoderModel", "KVCache", "StepPlan", "rotate", "ATTENTION"]
+
+ATTENTION = ("sdpa", "flex")
 
 
 @dataclass
@@ -67,6 +69,7 @@ class StepPlan:
     mask: torch.Tensor    #: [B, 1, R, span] additive mask over the first span slots (0 / -inf)
     cos: torch.Tensor     #: [B, R, 2, 1, hd/2] rotary cos, first and second half
     sin: torch.Tensor     #: [B, R, 2, 1, hd/2] rotary sin, first half negated (see rotate)
+    block_mask: object = None   #: FlexAttention BlockMask of the same visibility (attention="flex")
 
     @property
     def span(self) -> int:
@@ -105,7 +108,12 @@ def rotate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
 class DecoderModel:
     """Our forward pass over a ``transformers`` causal LM's modules (weights stay where they are)."""
 
-    def __init__(self, hf_model):
+    def __init__(self, hf_model, attention: str = "sdpa"):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        #: "sdpa": scaled_dot_product_attention with the plan's additive mask (the CPU path);
+        #: "flex": FlexAttention with a block mask (no dense mask: meant for compiled CUDA steps)
+        self.attention = attention
         inner = getattr(hf_model, "model", None)
         layers = getattr(inner, "layers", None)
         if layers is None or not hasattr(hf_model, "lm_head"):
@@ -186,9 +194,15 @@ class DecoderModel:
         q, kv = self._qkv(layer, layer.input_layernorm(h), plan)
         c = cache.kv[i]
         c[plan.rows, :, plan.slots] = kv
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), c[:, : self.n_kv, : plan.span], c[:, self.n_kv:, : plan.span],
-            attn_mask=plan.mask, scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+        k, v = c[:, : self.n_kv, : plan.span], c[:, self.n_kv:, : plan.span]
+        if plan.block_mask is not None:
+            from torch.nn.attention.flex_attention import flex_attention
+            o = flex_attention(q.transpose(1, 2), k, v, block_mask=plan.block_mask,
+                               scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=plan.mask,
+                                               scale=self.scaling,
+                                               enable_gqa=self.n_kv != self.n_heads)
         o = o.transpose(1, 2).reshape(*h.shape[:2], -1)
         h = h + layer.self_attn.o_proj(o)
         return h + layer.mlp(layer.post_attention_layernorm(h))
@@ -211,7 +225,16 @@ class DecoderModel:
         cos, sin = self.rotary(mask, pos)           # [B, R, hd]; mask gives only dtype and device
         sin = sin * self._sin_sign
         rows = torch.arange(B, device=pos.device)[:, None].expand(B, R)
-        return StepPlan(slots, rows, mask[:, None], cos.view(B, R, 2, 1, h), sin.view(B, R, 2, 1, h))
+        return StepPlan(slots, rows, mask[:, None], cos.view(B, R, 2, 1, h), sin.view(B, R, 2, 1, h),
+                        self._block_mask(visible) if self.attention == "flex" else None)
+
+    @staticmethod
+    def _block_mask(visible: torch.Tensor):
+        """FlexAttention block mask of ``visible [B, R, span]`` (the same visibility)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+        B, R, span = visible.shape
+        return create_block_mask(lambda b, h, q, kv: visible[b, q, kv], B, None, R, span,
+                                 device=visible.device)
 
     def prefill_plan(self, lengths: torch.Tensor, S: int, cache: KVCache, span: int) -> StepPlan:
         """Plan for writing ``S`` (padded) tokens from slot 0 (causal)."""

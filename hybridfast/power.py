@@ -88,7 +88,8 @@ class PowerSampler:
                  reuse: bool = True, reject: str = "keep", official: bool = False,
                  n_particles: int = 16,
                  ess_threshold: float = 0.5, alpha_ramp: int = 0, tokenizer=None,
-                 eos_token_id=None, steer=None, sync_every: int = 16, compile=False):
+                 eos_token_id=None, steer=None, sync_every: int = 16, compile=False,
+                 attention: str = "sdpa"):
         if method not in ("mh", "smc"):
             raise ValueError(f"method must be 'mh' or 'smc', got {method!r}")
         if not alpha >= 1.0:
@@ -113,7 +114,7 @@ class PowerSampler:
             raise NotImplementedError("reject='reprefill' is not supported with steer=")
         self.reject = reject
         self.hf = model
-        self.m = DecoderModel(model)
+        self.m = DecoderModel(model, attention)
         self.alpha, self.block_size, self.n_mcmc = float(alpha), int(block_size), int(n_mcmc)
         self.max_new_tokens, self.method = int(max_new_tokens), method
         self.official = bool(official)

@@ -99,3 +99,22 @@ def test_compile_options_and_buckets():
     opts = compile_options(True, "cpu")
     assert bucketed(1, opts) == CAPACITY_BUCKET and bucketed(CAPACITY_BUCKET + 1, opts) == 2 * CAPACITY_BUCKET
     assert bucketed(77, None) == 77
+
+
+def test_flex_attention_path_matches_sdpa():
+    """attention="flex" (FlexAttention with a block mask, meant for compiled CUDA steps) gives the
+    SDPA path's tokens in prefill, decode and paper-mode candidate rows, eager and traced."""
+    base, think = pair("qwen2")
+    sae, vec = router_and_vectors(64, 64)
+    ref = Engine(base).generate(BASE_PROMPTS, 8, eos_token_id=2).sequences()
+    assert Engine(base, attention="flex").generate(BASE_PROMPTS, 8, eos_token_id=2).sequences() == ref
+    cc = CompileCounter()
+    out = Engine(base, attention="flex", compile={"backend": cc}).generate(BASE_PROMPTS, 8, eos_token_id=2)
+    assert out.sequences() == ref and cc.frame_count == 1
+    kw = dict(sae_layer=2, steer_layer=1, coefficients=[0.5, 2.0])
+    p_ref = HybridModel(base, think, sae, vec, **kw).generate(BASE_PROMPTS, THINK_PROMPTS, 8, eos_token_id=2)
+    p_flex = HybridModel(base, think, sae, vec, attention="flex", **kw).generate(
+        BASE_PROMPTS, THINK_PROMPTS, 8, eos_token_id=2)
+    assert _ids(p_flex) == _ids(p_ref)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        Engine(base, attention="flash")
