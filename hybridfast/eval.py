@@ -6,11 +6,22 @@ stopped (a torn last line is repaired).
     hybridfast report runs/eval
 
 Run identity: every row records its ``run``: the models (path + file fingerprint, or hub id),
-dtype, method and all its parameters (defaults included), prompt templates (hashes), package
-version, and the dataset file (path + sha256) in ``run.data``. ``run_id`` hashes the run without
+dtype and device, method and all its parameters (defaults included), the prompt format of each
+model (templates as hashes; the thinking model's prompt is its own tokenizer's chat template),
+the --sae/--vectors artifacts with the settings they record, package version, and the dataset
+file (path + sha256) in ``run.data``. ``run_id`` hashes the run without
 ``run.data``. A local model's (or --sae/--vectors) fingerprint hashes every file's name and size,
 plus its sha256 when it is at most 1 MiB or its mtime when larger. Problem ids come from content:
 MATH500's unique_id, else a hash of the question.
+
+Steered methods (hybrid-paper, hybrid-routed, power-hybrid) take --sae-layer and --steer-layer
+from the artifacts (flags that differ are refused unless --override-artifact-settings; an older
+artifact that records no layer needs the flag), need the same K in both artifacts and finite
+tensors, and refuse an artifact made with another model (same override). Routed methods use the
+coefficients / threshold the vectors record, when they record them. power-hybrid reports the
+tokens it steered, recomputed from each sample's prefixes with one thinking-model forward.
+
+--dtype auto (the default) runs the models in their stored dtype on CPU and in bf16 on CUDA.
 
 Resume rule: an --out continues only an identical configuration. If OUT/results.jsonl holds rows
 of the same method with another run_id, the run is refused (exit 2) naming the settings that
@@ -41,24 +52,28 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .artifact_settings import OVERRIDE_FLAG, SteeringArtifacts, load_steering
 from .datasets import DataSource, open_dataset, problems_of
 from .errors import ArgumentParser, UserError, reported
 from .grading import extract_answer, grade
 from .io import atomic_write_text, parse_jsonl
+from .loading import DTYPE_CHOICES, DTYPE_HELP, device, dtype_name, load_side, load_tokenizer
 from .metrics import summarize
 from .provenance import RunIdentity, artifact_identity, differences, model_identity, text_hash
 
 __all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "method_params", "make_method",
-           "grade_rows", "run_eval", "summarize", "main", "report_main", "METHODS"]
+           "Models", "routed_steered_tokens", "grade_rows", "run_eval", "summarize", "main", "report_main",
+           "METHODS"]
 
-# the prompts each method builds: "base" (task template), "power" (boxed-answer template),
-# "thinking" (the chat template of the base model's tokenizer)
+# the prompts each method builds: "base" (task template) and "power" (boxed-answer template) for the
+# base model, "thinking" (the thinking model's own chat template) for the thinking model
 _PROMPTS = {"base": ("base",), "thinking": ("thinking",), "low-temp": ("power",),
             "hybrid-paper": ("base", "thinking"), "hybrid-routed": ("base", "thinking"),
             "power-mh": ("power",), "power-smc": ("power",), "power-hybrid": ("power", "thinking")}
 METHODS = tuple(_PROMPTS)
 STEERED_METHODS = ("hybrid-paper", "hybrid-routed", "power-hybrid")   # need --sae and --vectors
-DTYPE = "bf16"   # real models are evaluated in bf16; the tiny models are fp32
+# the power methods' defaults (the block size defaults to max(1, max_new_tokens // 4))
+ALPHA, N_MCMC, N_PARTICLES = 4.0, 2, 8
 
 
 def _uses_thinking(method: str) -> bool:
@@ -142,16 +157,23 @@ class WriterLock:
         os.close(self._fd)      # releases the lock
 
 
-def _models(spec: str, seed: int, thinking: str | None = None):
-    """``tiny`` -> the bundled pair; otherwise ``spec`` is the base model and ``thinking`` the
-    thinking model (paths or hub ids; the thinking model is loaded only when given)."""
-    from .pipeline_cli import _load_models
-    base, tok, _ = _load_models(spec, "base", seed, None, DTYPE)
-    if spec == "tiny":
-        think, _, _ = _load_models(spec, "thinking", seed, None, DTYPE)
-    else:
-        think = _load_models(thinking, "thinking", seed, None, DTYPE)[0] if thinking else None
-    return base, think, tok
+@dataclass
+class Models:
+    """A run's models, each with its own tokenizer (no thinking model when the method needs none)."""
+    base: object
+    base_tokenizer: object
+    thinking: object = None
+    thinking_tokenizer: object = None
+
+
+def _models(spec: "MethodSpec") -> Models:
+    """The base model and, when the method needs one, the thinking model, in ``spec.dtype``."""
+    seed = spec.params["seed"]
+    base = load_side(spec.model, "base", seed=seed, dtype=spec.dtype, flag="--model")
+    if spec.thinking is None:
+        return Models(base.model, base.tokenizer)
+    think = load_side(spec.thinking, "thinking", seed=seed, dtype=spec.dtype, flag="--thinking")
+    return Models(base.model, base.tokenizer, think.model, think.tokenizer)
 
 
 def _call_params(fn, explicit: dict, supplied: tuple) -> dict:
@@ -167,9 +189,12 @@ def _call_params(fn, explicit: dict, supplied: tuple) -> dict:
             if k != "self" and k not in supplied and (k in explicit or p.default is not p.empty)}
 
 
-def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int, steer_layer: int) -> dict:
+def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int | None = None,
+                  steer_layer: int | None = None, routing: dict | None = None, alpha: float = ALPHA,
+                  block_size: int | None = None, n_mcmc: int = N_MCMC, n_particles: int = N_PARTICLES) -> dict:
     """Every parameter that decides ``method``'s answers, grouped by the call that takes it
-    (``engine``, ``generate``, ``hybrid``, ``power``, ``sample``), plus the ``seed``."""
+    (``engine``, ``generate``, ``hybrid``, ``power``, ``sample``), plus the ``seed``. ``routing``:
+    the coefficients / threshold the vectors record, used by the routed methods."""
     from .engine import Engine
     from .hybrid import HybridModel
     from .power import PowerSampler
@@ -181,73 +206,120 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
                                      ("prompts", "generator", "eos_token_id"))
     if method in STEERED_METHODS:
         mode = "paper" if method == "hybrid-paper" else "routed"
-        p["hybrid"] = _call_params(HybridModel.__init__, dict(mode=mode, sae_layer=sae_layer, steer_layer=steer_layer),
+        given = dict(mode=mode, sae_layer=sae_layer, steer_layer=steer_layer,
+                     **((routing or {}) if mode == "routed" else {}))
+        p["hybrid"] = _call_params(HybridModel.__init__, given,
                                    ("base", "thinking", "sae", "vectors", "base_tokenizer", "thinking_tokenizer"))
     if method in ("hybrid-paper", "hybrid-routed"):
         p["generate"] = _call_params(HybridModel.generate, dict(max_new_tokens=max_new_tokens),
                                      ("base_prompts", "thinking_prompts", "eos_token_id"))
     if method.startswith("power-"):
-        power = dict(alpha=4.0, block_size=max(1, max_new_tokens // 4), n_mcmc=2, max_new_tokens=max_new_tokens)
+        power = dict(alpha=float(alpha), block_size=block_size or max(1, max_new_tokens // 4), n_mcmc=n_mcmc,
+                     max_new_tokens=max_new_tokens)
         if method != "power-hybrid":
-            power.update(method=method.split("-", 1)[1], n_particles=8)
+            power["method"] = method.split("-", 1)[1]
+        if method == "power-smc":
+            power["n_particles"] = n_particles
         p["power"] = _call_params(PowerSampler.__init__, power, ("model", "tokenizer", "eos_token_id", "steer"))
         p["sample"] = _call_params(PowerSampler.sample, {}, ("prompts", "generator", "thinking_prompts"))
     return p
 
 
-def make_method(name: str, base, think, tok, *, params: dict, sae=None, vectors=None, base_template=None):
+def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=None, base_template=None):
     """A callable ``problems -> [dict(output, tokens, steered_tokens)]`` for method ``name``, run with
-    ``params`` (from :func:`method_params`)."""
+    ``params`` (from :func:`method_params`). Each model reads prompts made and encoded with its own
+    tokenizer; outputs are decoded with the tokenizer of the model that wrote them."""
     from .engine import Engine
     from .prompts import BASE_TEMPLATE, power_prompt, thinking_prompt
     from .prompts import base_prompt as _base_prompt
-    enc = lambda ps: [tok(p, add_special_tokens=False)["input_ids"] for p in ps]  # noqa: E731
+    btok, ttok = models.base_tokenizer, models.thinking_tokenizer
+    enc = lambda tok, ps: [tok(p, add_special_tokens=False)["input_ids"] for p in ps]  # noqa: E731
     base_prompt = lambda q: _base_prompt(q, base_template or BASE_TEMPLATE)  # noqa: E731
-    think_prompt = lambda q: thinking_prompt(tok, q)  # noqa: E731
-    eos = tok.eos_token_id
+    think_prompt = lambda q: thinking_prompt(ttok, q)  # noqa: E731
     generator = lambda: torch.Generator().manual_seed(params["seed"])  # noqa: E731
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-    if _uses_thinking(name) and think is None:
+    if _uses_thinking(name) and models.thinking is None:
         raise ValueError(f"method {name} needs a thinking model (--thinking PATH)")
     if name in STEERED_METHODS and (sae is None or vectors is None):
         raise ValueError(f"method {name} needs --sae and --vectors artifacts")
 
-    def plain(model, prompt_fn):
+    def plain(model, tok, prompt_fn):
         engine = Engine(model, **params["engine"])
 
         def run(problems):
-            out = engine.generate(enc([prompt_fn(p["question"]) for p in problems]), **params["generate"],
-                                  eos_token_id=eos, generator=generator())
+            out = engine.generate(enc(tok, [prompt_fn(p["question"]) for p in problems]), **params["generate"],
+                                  eos_token_id=tok.eos_token_id, generator=generator())
             return [dict(output=tok.decode(s, skip_special_tokens=True), tokens=len(s), steered_tokens=0)
                     for s in out.sequences()]
         return run
 
     def hybrid():
         from .hybrid import HybridModel
-        return HybridModel(base, think, sae, vectors, **params["hybrid"], base_tokenizer=tok, thinking_tokenizer=tok)
+        return HybridModel(models.base, models.thinking, sae, vectors, **params["hybrid"], base_tokenizer=btok,
+                           thinking_tokenizer=ttok)
 
-    if name in ("base", "low-temp", "thinking"):
-        return plain(think if name == "thinking" else base,
-                     {"base": base_prompt, "low-temp": power_prompt, "thinking": think_prompt}[name])
+    if name == "thinking":
+        return plain(models.thinking, ttok, think_prompt)
+    if name in ("base", "low-temp"):
+        return plain(models.base, btok, base_prompt if name == "base" else power_prompt)
     if name.startswith("hybrid-"):
         hm = hybrid()
 
         def run(problems):
             o = hm.generate([base_prompt(p["question"]) for p in problems],
-                            [think_prompt(p["question"]) for p in problems], **params["generate"], eos_token_id=eos)
+                            [think_prompt(p["question"]) for p in problems], **params["generate"],
+                            eos_token_id=btok.eos_token_id)
             return [dict(output=r.text, tokens=len(r.ids), steered_tokens=sum(r.steered)) for r in o.results]
         return run
     from .power import PowerSampler
-    ps = PowerSampler(base, **params["power"], tokenizer=tok, eos_token_id=eos,
-                      steer=hybrid() if name == "power-hybrid" else None)
+    steer = hybrid() if name == "power-hybrid" else None
+    ps = PowerSampler(models.base, **params["power"], tokenizer=btok, eos_token_id=btok.eos_token_id, steer=steer)
 
     def run(problems):
-        thinking = [think_prompt(p["question"]) for p in problems] if name == "power-hybrid" else None
-        res = ps.sample(enc([power_prompt(p["question"]) for p in problems]), **params["sample"],
+        thinking = [think_prompt(p["question"]) for p in problems] if steer else None
+        res = ps.sample(enc(btok, [power_prompt(p["question"]) for p in problems]), **params["sample"],
                         generator=generator(), thinking_prompts=thinking)
-        return [dict(output=r.text, tokens=len(r.ids), steered_tokens=0) for r in res]
+        steered = routed_steered_tokens(steer, thinking, res) if steer else [0] * len(res)
+        return [dict(output=r.text, tokens=len(r.ids), steered_tokens=n) for r, n in zip(res, steered)]
     return run
+
+
+def _block_output(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    """The residual stream output by block ``layer`` of a Hugging Face decoder, ``[B, S, d]``."""
+    store = {}
+
+    def keep(module, args, out):
+        store["h"] = out[0] if isinstance(out, tuple) else out
+    handle = model.model.layers[layer].register_forward_hook(keep)
+    try:
+        model(input_ids=ids)
+    finally:
+        handle.remove()
+    return store["h"]
+
+
+@torch.inference_mode()
+def routed_steered_tokens(hm, thinking_prompts: list[str], samples) -> list[int]:
+    """How many tokens of each power-sampled routed-hybrid sample were generated with steering on.
+
+    Token ``t`` is steered iff the SAE's top pre-activation on the thinking model's
+    ``sae_layer`` residual, after the thinking prompt and the sample's first ``t`` tokens, exceeds
+    the threshold: a function of that prefix alone (every accepted MH proposal regenerates all the
+    tokens after its start), so one forward over prompt + sample recomputes every decision. A score
+    within float rounding of the threshold may count otherwise than it steered."""
+    model = hm.thinking.hf
+    dev = next(model.parameters()).device
+    counts = []
+    for prompt, r in zip(thinking_prompts, samples):
+        if not r.ids:
+            counts.append(0)
+            continue
+        p = hm.tok_t(prompt, add_special_tokens=False)["input_ids"]
+        x = _block_output(model, hm.sae_layer, torch.tensor([p + r.ids[:-1]], device=dev))[0, len(p) - 1:]
+        z = hm.sae.encode(x.to(hm.sae.W_enc.device))
+        counts.append(int((z.max(-1).values > hm.threshold).sum()))
+    return counts
 
 
 def grade_rows(dataset, problems, outs, method, seconds, run: RunIdentity | None = None):
@@ -266,7 +338,9 @@ def grade_rows(dataset, problems, outs, method, seconds, run: RunIdentity | None
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a process needs to build a method's generator (sent to Ray workers as is)."""
+    """What a process needs to build a method's generator (sent to Ray workers as is).
+    ``thinking`` is the thinking model's spec (``tiny`` for the tiny pair), None when the method
+    needs none; ``dtype`` is the --dtype asked for."""
     method: str
     model: str
     thinking: str | None
@@ -274,24 +348,13 @@ class MethodSpec:
     sae_dir: str | None
     vectors_dir: str | None
     base_template: str | None
+    dtype: str = "auto"
 
 
-def _load_artifact(loader, path, flag: str):
-    try:
-        return loader(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {path}: {e}") from None
-
-
-def _build_method(spec: MethodSpec):
-    """Load the artifacts (first: a bad one is reported before any model loads), the models, and
-    make the method."""
-    from .io import load_sae, load_vectors
-    sae = _load_artifact(load_sae, spec.sae_dir, "--sae") if spec.sae_dir else None
-    vectors = _load_artifact(load_vectors, spec.vectors_dir, "--vectors") if spec.vectors_dir else None
-    base, think, tok = _models(spec.model, spec.params["seed"], spec.thinking)
-    return make_method(spec.method, base, think, tok, params=spec.params, sae=sae, vectors=vectors,
-                       base_template=spec.base_template)
+def _build_method(spec: MethodSpec, steering: SteeringArtifacts | None):
+    """Load the models and make the method (the artifacts were loaded and checked before)."""
+    return make_method(spec.method, _models(spec), params=spec.params, sae=steering and steering.sae,
+                       vectors=steering and steering.vectors, base_template=spec.base_template)
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -305,26 +368,28 @@ def _answer(fn, chunk: list[dict], run: RunIdentity) -> list[dict]:
     return grade_rows(run.data["name"], chunk, outs, run.config["method"], time.perf_counter() - t0, run)
 
 
-def _shard_worker(spec: MethodSpec, run: RunIdentity, problems: list[dict], batch_size: int) -> list[dict]:
+def _shard_worker(spec: MethodSpec, steering: SteeringArtifacts | None, run: RunIdentity, problems: list[dict],
+                  batch_size: int) -> list[dict]:
     """One shard in a (Ray) worker: builds the method, returns the graded rows."""
-    fn = _build_method(spec)
+    fn = _build_method(spec, steering)
     return [row for chunk in _batches(problems, batch_size) for row in _answer(fn, chunk, run)]
 
 
-def _evaluate(spec: MethodSpec, run: RunIdentity, todo: list[dict], log: ResultsLog, *, batch_size: int,
-              use_ray: bool, workers: int, progress: bool) -> None:
+def _evaluate(spec: MethodSpec, steering: SteeringArtifacts | None, run: RunIdentity, todo: list[dict],
+              log: ResultsLog, *, batch_size: int, use_ray: bool, workers: int, progress: bool) -> None:
     """Answer ``todo``, appending each batch's rows (each shard's, with Ray) as it finishes."""
     if use_ray:
         import ray
         if not ray.is_initialized():
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         task = ray.remote(max_retries=2)(_shard_worker)
-        refs = [task.remote(spec, run, todo[i::workers], batch_size) for i in range(workers) if todo[i::workers]]
+        refs = [task.remote(spec, steering, run, todo[i::workers], batch_size) for i in range(workers)
+                if todo[i::workers]]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
             log.append(ray.get(ready[0]))
         return
-    fn = _build_method(spec)
+    fn = _build_method(spec, steering)
     from tqdm.auto import tqdm
     with tqdm(_batches(todo, batch_size), desc=spec.method, disable=not progress) as chunks:
         for chunk in chunks:        # the bar is closed (its line ended) before an interrupt is reported
@@ -341,16 +406,22 @@ def _template_ok(template: str) -> bool:
 
 
 def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_tokens, sae_layer, steer_layer,
-                   base_template, model, thinking, sae_dir, vectors_dir) -> None:
+                   base_template, model, thinking, sae_dir, vectors_dir, dtype="auto", alpha=ALPHA,
+                   block_size=None, n_mcmc=N_MCMC, n_particles=N_PARTICLES) -> None:
     """Every setting in range and every input a method needs present, else a :class:`UserError`
     naming the flag."""
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     for flag, value, least in (("--limit", limit, 1), ("--offset", offset, 0), ("--batch-size", batch_size, 1),
                                ("--workers", workers, 1), ("--max-new-tokens", max_new_tokens, 1),
-                               ("--sae-layer", sae_layer, 0), ("--steer-layer", steer_layer, 0)):
+                               ("--sae-layer", sae_layer, 0), ("--steer-layer", steer_layer, 0),
+                               ("--alpha", alpha, 1), ("--block-size", block_size, 1), ("--n-mcmc", n_mcmc, 0),
+                               ("--n-particles", n_particles, 1)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}")
+    dtype_name(dtype, model)          # an unknown --dtype is a UserError
+    if model == "tiny" and thinking is not None:
+        raise UserError("--model tiny is the bundled pair (base and thinking): drop --thinking")
     if base_template is not None and not _template_ok(base_template):
         raise UserError(f"--base-template must contain {{q}} and no other {{}} field: {base_template!r}")
     if _uses_thinking(method) and model != "tiny" and thinking is None:
@@ -378,20 +449,37 @@ def _problems(dataset, split, path, hf, limit, offset) -> tuple[DataSource, list
     return source, problems
 
 
-def run_config(spec: MethodSpec) -> dict:
+def _prompt_formats(spec: MethodSpec) -> dict:
+    """For each prompt the method builds, the model that reads it and its format: the base task
+    and power templates (hashes) for the base model; the thinking model's own tokenizer's chat
+    template (its hash; the tokenizer is loaded, not the model)."""
+    from .prompts import BASE_TEMPLATE, POWER_TEMPLATE, thinking_format
+    templates = dict(base=spec.base_template or BASE_TEMPLATE, power=POWER_TEMPLATE)
+    formats = {}
+    for kind in _PROMPTS[spec.method]:
+        if kind == "thinking":
+            formats[kind] = dict(model="thinking", **thinking_format(load_tokenizer(spec.thinking, flag="--thinking")))
+        else:
+            formats[kind] = dict(model="base", format=f"{kind} template", template=text_hash(templates[kind]))
+    return formats
+
+
+def _artifacts_record(spec: MethodSpec, steering: SteeringArtifacts) -> dict:
+    """The --sae and --vectors artifacts: path, fingerprint and the settings they record."""
+    return dict(sae=dict(artifact_identity(spec.sae_dir, "--sae"), **steering.sae.meta),
+                vectors=dict(artifact_identity(spec.vectors_dir, "--vectors"), **steering.vectors.meta))
+
+
+def run_config(spec: MethodSpec, steering: SteeringArtifacts | None = None) -> dict:
     """Everything that decides ``spec``'s answers, as recorded in every row's ``run`` (model and
     artifact paths must exist: a missing one is a :class:`UserError`)."""
-    from .prompts import BASE_TEMPLATE, POWER_TEMPLATE
     models = dict(base=model_identity(spec.model, "--model"))
-    if _uses_thinking(spec.method):
-        models["thinking"] = model_identity("tiny" if spec.model == "tiny" else spec.thinking, "--thinking")
-    templates = dict(base=text_hash(spec.base_template or BASE_TEMPLATE), power=text_hash(POWER_TEMPLATE),
-                     thinking="chat template of the base model's tokenizer")
-    config = dict(method=spec.method, models=models, dtype="fp32" if spec.model == "tiny" else DTYPE,
-                  **spec.params, prompts={k: templates[k] for k in _PROMPTS[spec.method]}, version=__version__)
-    if spec.sae_dir:
-        config["artifacts"] = dict(sae=artifact_identity(spec.sae_dir, "--sae"),
-                                   vectors=artifact_identity(spec.vectors_dir, "--vectors"))
+    if spec.thinking is not None:
+        models["thinking"] = model_identity(spec.thinking, "--thinking")
+    config = dict(method=spec.method, models=models, dtype=dtype_name(spec.dtype, spec.model), device=device(),
+                  **spec.params, prompts=_prompt_formats(spec), version=__version__)
+    if steering is not None:
+        config["artifacts"] = _artifacts_record(spec, steering)
     return config
 
 
@@ -426,25 +514,47 @@ def refuse_other_configuration(rows: list[dict], run: RunIdentity, results: Path
                         f"(or the old settings)")
 
 
+def _steering(method: str, model: str, thinking: str | None, sae_dir, vectors_dir, sae_layer, steer_layer,
+              override: bool) -> SteeringArtifacts | None:
+    """The checked artifacts and layers of a steered method (None for the others)."""
+    if method not in STEERED_METHODS:
+        return None
+    return load_steering(sae_dir, vectors_dir, sae_layer=sae_layer, steer_layer=steer_layer, base=model,
+                         thinking=thinking, override=override)
+
+
+def _routing(steering: SteeringArtifacts | None) -> dict:
+    """The routed-mode coefficients / threshold the vectors record (only those they record)."""
+    meta = steering.vectors.meta if steering else {}
+    return {k: meta[k] for k in ("coefficients", "threshold") if meta.get(k) is not None}
+
+
 def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False, base_template=None,
              limit=None, offset=0, out="runs/eval", model="tiny", thinking=None, seed=0, max_new_tokens=64,
-             batch_size=4, sae_dir=None, vectors_dir=None, sae_layer=2, steer_layer=1, use_ray=False, workers=2,
-             progress=True) -> dict:
+             batch_size=4, sae_dir=None, vectors_dir=None, sae_layer=None, steer_layer=None,
+             override_artifact_settings=False, dtype="auto", alpha=ALPHA, block_size=None, n_mcmc=N_MCMC,
+             n_particles=N_PARTICLES, use_ray=False, workers=2, progress=True) -> dict:
     """Evaluate ``method`` on problems ``offset .. offset + limit``, appending to
     ``out/results.jsonl`` and continuing an identical earlier run (module doc: the resume rule).
-    Every user error is a :class:`UserError` raised before any model loads; Ctrl-C during the run
-    raises :class:`EvalInterrupted`. Returns the summary of the whole results file."""
+    ``sae_layer``/``steer_layer`` None: the artifacts' layers. Every user error is a
+    :class:`UserError` raised before any model loads; Ctrl-C during the run raises
+    :class:`EvalInterrupted`. Returns the summary of the whole results file."""
     check_settings(method, limit=limit, offset=offset, batch_size=batch_size, workers=workers,
                    max_new_tokens=max_new_tokens, sae_layer=sae_layer, steer_layer=steer_layer,
                    base_template=base_template, model=model, thinking=thinking, sae_dir=sae_dir,
-                   vectors_dir=vectors_dir)
+                   vectors_dir=vectors_dir, dtype=dtype, alpha=alpha, block_size=block_size, n_mcmc=n_mcmc,
+                   n_particles=n_particles)
     source, problems = _problems(dataset, split, path, hf, limit, offset)
-    steered = method in STEERED_METHODS
-    spec = MethodSpec(method, model, thinking if _uses_thinking(method) else None,
-                      method_params(method, max_new_tokens=max_new_tokens, seed=seed, sae_layer=sae_layer,
-                                    steer_layer=steer_layer),
-                      sae_dir if steered else None, vectors_dir if steered else None, base_template)
-    run = RunIdentity(run_config(spec), source.record())
+    thinking = ("tiny" if model == "tiny" else thinking) if _uses_thinking(method) else None
+    steering = _steering(method, model, thinking, sae_dir, vectors_dir, sae_layer, steer_layer,
+                         override_artifact_settings)
+    params = method_params(method, max_new_tokens=max_new_tokens, seed=seed,
+                           sae_layer=steering and steering.sae_layer, steer_layer=steering and steering.steer_layer,
+                           routing=_routing(steering), alpha=alpha, block_size=block_size, n_mcmc=n_mcmc,
+                           n_particles=n_particles)
+    spec = MethodSpec(method, model, thinking, params, steering and sae_dir, steering and vectors_dir,
+                      base_template, dtype)
+    run = RunIdentity(run_config(spec, steering), source.record())
     results = _writable_results(out)
     with WriterLock(results):
         log = ResultsLog(results)
@@ -456,7 +566,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
                   + (" (repaired a torn last line)" if log.repaired else ""), flush=True)
         try:
             if todo:
-                _evaluate(spec, run, todo, log, batch_size=batch_size, use_ray=use_ray, workers=workers,
+                _evaluate(spec, steering, run, todo, log, batch_size=batch_size, use_ray=use_ray, workers=workers,
                           progress=progress)
         except KeyboardInterrupt as e:
             saved = len({p["id"] for p in problems} & log.done(run.id))
@@ -470,25 +580,43 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
 def _eval_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="hybridfast eval", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", required=True, choices=METHODS)
-    ap.add_argument("--data", default="gsm8k", choices=["gsm8k", "math500"])
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--method", required=True, choices=METHODS, help="what generates the answers")
+    ap.add_argument("--data", default="gsm8k", choices=["gsm8k", "math500"], help="dataset (default: %(default)s)")
+    ap.add_argument("--split", default="test", help="dataset split (default: %(default)s)")
     ap.add_argument("--path", help="a JSONL file instead of the shared copy (or the bundled sample)")
     ap.add_argument("--hf", action="store_true", help="load the dataset with `datasets` (network)")
     ap.add_argument("--base-template", help="override the base task prompt (must contain {q})")
     ap.add_argument("--limit", type=int, help="evaluate at most this many problems (>= 1)")
     ap.add_argument("--offset", type=int, default=0, help="skip this many problems first (>= 0)")
-    ap.add_argument("--model", default="tiny", help="'tiny' (bundled random pair), a base model path or hub id")
-    ap.add_argument("--thinking", help="thinking model path or hub id (for thinking / hybrid methods)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--model", default="tiny",
+                    help="base model: 'tiny' (bundled random pair, both sides), a named model (smollm2-135m), "
+                         "a GGUF file or folder, a Hugging Face folder or hub id (default: %(default)s)")
+    ap.add_argument("--thinking", help="thinking model (same forms as --model; for the thinking / hybrid methods); "
+                                       "its prompts use its own tokenizer's chat template")
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4, help="problems per batch (>= 1; not part of the run)")
-    ap.add_argument("--sae")
-    ap.add_argument("--vectors")
-    ap.add_argument("--sae-layer", type=int, default=2)
-    ap.add_argument("--steer-layer", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sae", help="SAE folder (router) for the steered methods, from `hybridfast discover`")
+    ap.add_argument("--vectors", help="steering-vectors folder for the steered methods, from "
+                                      "`hybridfast train-vectors`")
+    ap.add_argument("--sae-layer", type=int,
+                    help="thinking-model block the SAE reads (default: the layer --sae records)")
+    ap.add_argument("--steer-layer", type=int,
+                    help="base-model block the vectors steer (default: the layer --vectors records)")
+    ap.add_argument(OVERRIDE_FLAG, action="store_true",
+                    help="use --sae-layer/--steer-layer and the given models even where they differ from what "
+                         "the --sae/--vectors artifacts record (refused otherwise)")
+    ap.add_argument("--alpha", type=float, default=ALPHA,
+                    help="power methods: sample from p^alpha (>= 1; default: %(default)s)")
+    ap.add_argument("--block-size", type=int,
+                    help="power MH methods: tokens per block (>= 1; default: max(1, --max-new-tokens // 4))")
+    ap.add_argument("--n-mcmc", type=int, default=N_MCMC,
+                    help="power MH methods: Metropolis-Hastings steps per block (>= 0; default: %(default)s)")
+    ap.add_argument("--n-particles", type=int, default=N_PARTICLES,
+                    help="power-smc: particles per problem (>= 1; default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("--ray", action="store_true", help="shard problems across Ray workers")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="Ray workers with --ray (default: %(default)s)")
     ap.add_argument("--out", default="runs/eval", help="run folder: results.jsonl, its .lock, summary.json")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return ap
@@ -502,7 +630,9 @@ def main(argv=None):
                      base_template=a.base_template, limit=a.limit, offset=a.offset, out=a.out, model=a.model,
                      thinking=a.thinking, seed=a.seed, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                      sae_dir=a.sae, vectors_dir=a.vectors, sae_layer=a.sae_layer, steer_layer=a.steer_layer,
-                     use_ray=a.ray, workers=a.workers)
+                     override_artifact_settings=a.override_artifact_settings, dtype=a.dtype, alpha=a.alpha,
+                     block_size=a.block_size, n_mcmc=a.n_mcmc, n_particles=a.n_particles, use_ray=a.ray,
+                     workers=a.workers)
     mine = [e for e in s["methods"].values() if e["method"] == a.method and e["dataset"] == a.data]
     print(json.dumps(mine[0]))
 
@@ -513,7 +643,7 @@ def report_main(argv=None):
     ap = ArgumentParser(prog="hybridfast report",
                         description="report.md and accuracy.svg of a run folder: one row per (dataset, method, "
                                     "run_id), each problem counted once")
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", help="a folder written by `hybridfast eval --out` (holding results.jsonl)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
     results = Path(a.run_dir) / "results.jsonl"

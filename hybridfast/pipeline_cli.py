@@ -1,55 +1,63 @@
-"""``hybridfast discover`` and ``hybridfast train-vectors``."""
+"""``hybridfast discover`` and ``hybridfast train-vectors``.
+
+Both write artifacts that record their settings: an SAE folder its layer, model, K, k and
+normalisation; a vectors folder its steer layer, model and K. ``hybridfast eval`` takes its
+layers from them.
+
+train-vectors checkpoints every epoch into OUT/checkpoint and resumes only a checkpoint of the
+same configuration (steer layer, K, every training setting, the examples, the model and dtype); a
+checkpoint of another configuration is refused (exit 2) naming what differs, and --restart
+discards it and trains from scratch. A refused run leaves OUT as it was.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-import torch
-
+from .errors import ArgumentParser, UserError, reported
 from .io import read_jsonl, write_jsonl
+from .loading import DTYPE_CHOICES, DTYPE_HELP, dtype_name, load_side
+
+__all__ = ["discover_main", "train_vectors_main"]
+
+_MODEL_FORMS = "'tiny' (bundled random pair), a named model (smollm2-135m), a GGUF file or folder, a Hugging Face " \
+               "folder or hub id"
 
 
-def _load_models(spec: str, which: str, seed: int, tokenizer: str | None, dtype: str):
-    """``tiny`` -> the bundled tiny pair (tokenizer trained on the bundled sample); otherwise
-    ``from_pretrained`` on a path or hub id."""
-    if spec == "tiny":
-        from .tiny import tiny_pair, tiny_tokenizer
-        tok = tiny_tokenizer()
-        base, think = tiny_pair(tok, seed=seed)
-        return (base if which == "base" else think), tok, "tiny-" + which
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    dt = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt).to(dev).eval()
-    return model, AutoTokenizer.from_pretrained(tokenizer or spec), spec
+def _discover_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="hybridfast discover", description="traces -> sentence activations -> top-k SAE "
+                        "taxonomy; writes OUT/traces.jsonl, OUT/sae-L<layer>-K<K>/ per setting, OUT/sweep.json")
+    ap.add_argument("--model", default="tiny", help=f"thinking model: {_MODEL_FORMS} (default: %(default)s)")
+    ap.add_argument("--tokenizer", help="tokenizer path or hub id (default: the model's own)")
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    ap.add_argument("--data", default="gsm8k", help="gsm8k | math500 | a JSONL path (default: %(default)s)")
+    ap.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    ap.add_argument("--limit", type=int, default=32, help="questions to trace (default: %(default)s)")
+    ap.add_argument("--traces", help="reuse a traces.jsonl instead of generating")
+    ap.add_argument("--max-new-tokens", type=int, default=1000, help="tokens per trace (default: %(default)s)")
+    ap.add_argument("--layers", type=int, nargs="+", default=[2],
+                    help="thinking-model blocks whose output the SAE reads (default: %(default)s)")
+    ap.add_argument("--K", type=int, nargs="+", default=[5], help="numbers of categories (default: %(default)s)")
+    ap.add_argument("--k", type=int, default=3, help="active latents per sentence (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    ap.add_argument("--out", default="runs/taxonomy", help="output folder (default: %(default)s)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return ap
 
 
 def discover_main(argv=None):
     from .datasets import load_problems
     from .taxonomy import discover, generate_traces, write_discovery
-    ap = argparse.ArgumentParser(prog="hybridfast discover",
-                                 description="traces -> sentence activations -> top-k SAE taxonomy")
-    ap.add_argument("--model", default="tiny", help="thinking model: path, hub id, or 'tiny'")
-    ap.add_argument("--tokenizer")
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--data", default="gsm8k", help="gsm8k | math500 | a JSONL path")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--limit", type=int, default=32)
-    ap.add_argument("--traces", help="reuse a traces.jsonl instead of generating")
-    ap.add_argument("--max-new-tokens", type=int, default=1000)
-    ap.add_argument("--layers", type=int, nargs="+", default=[2])
-    ap.add_argument("--K", type=int, nargs="+", default=[5])
-    ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/taxonomy")
-    a = ap.parse_args(argv)
-    model, tok, mid = _load_models(a.model, "thinking", a.seed, a.tokenizer, a.dtype)
+    from .artifact_settings import load_artifact
+    a = _discover_parser().parse_args(argv)
+    with reported(a.debug):
+        traces = load_artifact(read_jsonl, a.traces, "--traces") if a.traces else None
+        side = load_side(a.model, "thinking", seed=a.seed, dtype=a.dtype, tokenizer=a.tokenizer)
+    model, tok = side.model, side.tokenizer
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    if a.traces:
-        traces = read_jsonl(a.traces)
-    else:
+    if traces is None:
         ds = a.data if a.data in ("gsm8k", "math500") else "gsm8k"
         probs = load_problems(ds, a.split, path=None if a.data in ("gsm8k", "math500") else a.data,
                               limit=a.limit)
@@ -61,7 +69,7 @@ def discover_main(argv=None):
         for K in a.K:
             sae, tax, ann = discover(traces, model, tok, layer=L, n_latents=K, k=min(a.k, K),
                                      seed=a.seed, progress=True)
-            folder = write_discovery(out / f"sae-L{L}-K{K}", sae, tax, ann, traces, layer=L, model_id=mid)
+            folder = write_discovery(out / f"sae-L{L}-K{K}", sae, tax, ann, traces, layer=L, model_id=side.model_id)
             sweep.append(dict(layer=L, K=K, folder=str(folder), **{k: v for k, v in tax["metrics"].items()
                                                                      if k != "counts"}))
             print(json.dumps(sweep[-1]))
@@ -69,38 +77,66 @@ def discover_main(argv=None):
     print(f"taxonomy written to {out}")
 
 
-def train_vectors_main(argv=None):
-    from .io import load_sae, save_vectors
-    from .taxonomy import build_vector_examples, read_annotations, train_steering_vectors
-    ap = argparse.ArgumentParser(prog="hybridfast train-vectors",
-                                 description="bias + K category steering vectors in one batched run")
-    ap.add_argument("--base", default="tiny", help="base model: path, hub id, or 'tiny'")
-    ap.add_argument("--tokenizer")
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+def _train_vectors_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="hybridfast train-vectors", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="tiny", help=f"base model: {_MODEL_FORMS} (default: %(default)s)")
+    ap.add_argument("--tokenizer", help="tokenizer path or hub id (default: the base model's own)")
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     ap.add_argument("--sae", required=True, help="an SAE folder written by `hybridfast discover`")
     ap.add_argument("--traces", help="traces.jsonl (default: next to the SAE folder)")
-    ap.add_argument("--steer-layer", type=int, required=True)
-    ap.add_argument("--epochs", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--n-train", type=int, default=2048)
-    ap.add_argument("--min-target-words", type=int, default=7)
-    ap.add_argument("--min-bias-words", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/vectors")
-    a = ap.parse_args(argv)
-    base, tok, mid = _load_models(a.base, "base", a.seed, a.tokenizer, a.dtype)
-    sae = load_sae(a.sae)
-    tpath = Path(a.traces) if a.traces else Path(a.sae).parent / "traces.jsonl"
-    traces = read_jsonl(tpath)
-    ann = read_annotations(a.sae)
-    tax = json.loads((Path(a.sae) / "taxonomy.json").read_text())
-    K = sae.n_latents
-    exs, bias_exs = build_vector_examples(traces, ann, base, tok, K, n_train=a.n_train,
-                                          min_target_words=a.min_target_words,
-                                          min_bias_words=a.min_bias_words, seed=a.seed)
-    vec = train_steering_vectors(base, exs, bias_exs, K, a.steer_layer, epochs=a.epochs,
-                                 batch_size=a.batch_size, seed=a.seed,
-                                 names=[c["name"] for c in tax["categories"]],
-                                 checkpoint_dir=Path(a.out) / "checkpoint", progress=True)
-    save_vectors(a.out, vec, steer_layer=a.steer_layer, model_id=mid)
+    ap.add_argument("--steer-layer", type=int, required=True, help="base-model block the vectors steer")
+    ap.add_argument("--epochs", type=int, default=50, help="training epochs (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: %(default)s)")
+    ap.add_argument("--n-train", type=int, default=2048, help="examples per category (default: %(default)s)")
+    ap.add_argument("--min-target-words", type=int, default=7,
+                    help="shortest target sentence, in words (default: %(default)s)")
+    ap.add_argument("--min-bias-words", type=int, default=20,
+                    help="shortest thinking text for a bias example, in words (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    ap.add_argument("--out", default="runs/vectors",
+                    help="vectors folder; its checkpoint/ subfolder makes the run resumable (default: %(default)s)")
+    ap.add_argument("--restart", action="store_true",
+                    help="discard a checkpoint in OUT instead of resuming it (needed when it has another "
+                         "configuration)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return ap
+
+
+def train_vectors_main(argv=None):
+    from .artifact_settings import load_artifact
+    from .checkpoints import CheckpointMismatch
+    from .io import load_sae, save_vectors
+    from .provenance import model_identity
+    from .taxonomy import build_vector_examples, read_annotations, train_steering_vectors
+    a = _train_vectors_parser().parse_args(argv)
+    with reported(a.debug):
+        if a.steer_layer < 0:
+            raise UserError(f"--steer-layer must be >= 0, got {a.steer_layer}")
+        identity = dict(model=model_identity(a.base, "--base"), dtype=dtype_name(a.dtype, a.base),
+                        tokenizer=a.tokenizer)
+        sae = load_artifact(load_sae, a.sae, "--sae")
+        tpath = Path(a.traces) if a.traces else Path(a.sae).parent / "traces.jsonl"
+        traces = load_artifact(read_jsonl, tpath, "--traces")
+        ann = load_artifact(read_annotations, a.sae, "--sae")
+        tax = load_artifact(lambda p: json.loads((Path(p) / "taxonomy.json").read_text()), a.sae, "--sae")
+        side = load_side(a.base, "base", seed=a.seed, dtype=a.dtype, tokenizer=a.tokenizer, flag="--base")
+        blocks = side.model.config.num_hidden_layers
+        if a.steer_layer >= blocks:
+            raise UserError(f"--steer-layer {a.steer_layer} is out of range: --base {a.base} has {blocks} blocks "
+                            f"(0..{blocks - 1})")
+        K = sae.n_latents
+        exs, bias_exs = build_vector_examples(traces, ann, side.model, side.tokenizer, K, n_train=a.n_train,
+                                              min_target_words=a.min_target_words,
+                                              min_bias_words=a.min_bias_words, seed=a.seed)
+        try:
+            vec = train_steering_vectors(side.model, exs, bias_exs, K, a.steer_layer, epochs=a.epochs,
+                                         batch_size=a.batch_size, seed=a.seed,
+                                         names=[c["name"] for c in tax["categories"]],
+                                         checkpoint_dir=Path(a.out) / "checkpoint", identity=identity,
+                                         restart=a.restart, progress=True)
+        except CheckpointMismatch as e:
+            raise UserError(f"--out {a.out}: {e}; pass --restart to discard it and train from scratch, or "
+                            f"another --out") from None
+    save_vectors(a.out, vec, steer_layer=a.steer_layer, model_id=side.model_id)
     print(f"vectors written to {a.out} ({len(exs)} category examples, {len(bias_exs)} bias examples)")

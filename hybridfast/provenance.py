@@ -69,11 +69,18 @@ def artifact_identity(path, flag: str) -> dict:
 
 
 def model_identity(spec: str, flag: str) -> dict:
-    """``{tiny}``, ``{path, fingerprint}`` of a local model, or ``{hub_id}``. A spec that names no
-    existing path is a hub id when it has that form (``name`` or ``org/name``); one that looks like a
-    path is reported as a missing path."""
+    """``{tiny}``, ``{name, path, fingerprint}`` of a named model (its GGUF file), ``{path,
+    fingerprint}`` of a local model, or ``{hub_id}``. A spec that names no existing path is a hub
+    id when it has that form (``name`` or ``org/name``); one that looks like a path is reported as a
+    missing path."""
+    from .models import NAMED_MODELS, resolve_model
     if spec == "tiny":
         return dict(tiny=True)
+    if spec in NAMED_MODELS:
+        try:
+            return dict(name=spec, **artifact_identity(resolve_model(spec)[1], flag))
+        except FileNotFoundError as e:
+            raise UserError(f"{flag} {spec}: {e}") from None
     if Path(spec).exists() or _looks_like_path(spec):
         return artifact_identity(spec, flag)
     if not _HUB_ID.match(spec):
