@@ -49,6 +49,7 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
     from .io import load_sae, load_vectors, save_vectors, write_jsonl
     from .power import PowerSampler
     from .prompts import base_prompt, power_prompt, thinking_prompt
+    from .report import mh_fields, token_fields, write_views
     from .taxonomy import (build_vector_examples, discover, generate_traces,
                            train_steering_vectors, write_discovery)
 
@@ -96,9 +97,9 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
     tp = [thinking_prompt(tok, p["question"] + THINKING_INSTRUCTION) for p in evalp]
     results = []
 
-    def add(method, i, text, ntok, steered=0, seconds=0.0):
-        results.extend(grade_rows("gsm8k", [evalp[i]], [dict(output=text, tokens=ntok,
-                                                             steered_tokens=steered)], method, seconds))
+    def add(method, i, text, ntok, steered_tokens=0, seconds=0.0, **trace):
+        results.extend(grade_rows("gsm8k", [evalp[i]], [dict(output=text, tokens=ntok, steered_tokens=steered_tokens,
+                                                             **trace)], method, seconds))
 
     from .engine import Engine
     with stage("baselines"):
@@ -107,7 +108,6 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
             g = Engine(m).generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id)
             for i, s in enumerate(g.sequences()):
                 add(name, i, tok.decode(s, skip_special_tokens=True), len(s), seconds=g.seconds / len(ids))
-    hybrid_records = {}
     with stage("hybrid"):
         for mode in ("paper", "routed"):
             hm = HybridModel(base, think, sae_p, vec_p, sae_layer=sae_layer, steer_layer=steer_layer,
@@ -115,20 +115,17 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
                              coefficients=None if mode == "paper" else 0.5)
             o = hm.generate(bp, tp, max_new_tokens, eos_token_id=tok.eos_token_id)
             for i, r in enumerate(o.results):
-                add(f"hybrid-{mode}", i, r.text, len(r.ids), sum(r.steered), o.seconds / len(bp))
-            hybrid_records[mode] = [dict(ids=r.ids, tokens=[tok.decode([t]) for t in r.ids],
-                                         category=r.category, steered=r.steered) for r in o.results]
+                add(f"hybrid-{mode}", i, r.text, len(r.ids), sum(r.steered), o.seconds / len(bp),
+                    **token_fields(r, tok, vec_p.names))
     with stage("power"):
         pp = [tok(power_prompt(p["question"]), add_special_tokens=False)["input_ids"] for p in evalp]
         for method in ("mh", "smc"):
             ps = PowerSampler(base, alpha=4.0, block_size=16, n_mcmc=2, max_new_tokens=max_new_tokens,
                               method=method, n_particles=8, tokenizer=tok, eos_token_id=tok.eos_token_id)
             res = ps.sample(pp, generator=torch.Generator().manual_seed(seed))
-            if method == "mh":
-                acc_curve = [float(a.float().mean()) for (_, _, _, a) in ps.last_stats["trace"]]
-            for r in res:
+            for b, r in enumerate(res):
                 add(f"power-{method}", r.prompt_index, r.text, len(r.ids),
-                    seconds=ps.last_stats["seconds"] / len(pp))
+                    seconds=ps.last_stats["seconds"] / len(pp), **mh_fields(ps.last_stats, b, r))
     with stage("report"):
         write_jsonl(out / "results.jsonl", results)
         summary = summarize(results)
@@ -140,22 +137,7 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
                                    categories=[dict(id=c["id"], name=c["name"], count=c["count"])
                                                for c in taxonomy["categories"]])
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        from .plots import bar_svg, lines_svg
-        (out / "accuracy.svg").write_text(bar_svg({m: r["accuracy"] for m, r in summary["methods"].items()},
-                                                  "accuracy by method"))
-        rec = hybrid_records["paper"]
-        T = max(len(r["category"]) for r in rec)
-        usage = {vec_p.names[c]: [sum(1 for r in rec if t < len(r["category"]) and r["category"][t] == c
-                                      and r["steered"][t]) / len(rec) for t in range(T)]
-                 for c in range(len(vec_p.names))}
-        (out / "category_usage.svg").write_text(lines_svg(usage, "steered category by token position (paper mode)",
-                                                          "generated token position", ymax=1.0))
-        (out / "acceptance.svg").write_text(lines_svg({"MH": acc_curve}, "acceptance rate over MH steps",
-                                                      "MH step (all blocks)", ymax=1.0))
-        (out / "report.md").write_text(report_markdown(summary) + "\n![accuracy](accuracy.svg)\n"
-                                       "![category usage](category_usage.svg)\n![acceptance](acceptance.svg)\n")
-        from .report import trace_viewer_html
-        (out / "traces.html").write_text(trace_viewer_html(hybrid_records, vec_p.names))
+        (out / "report.md").write_text(report_markdown(summary) + "\n" + write_views(out, summary, results))
     print(f"report: {out / 'report.md'}  (trace viewer: {out / 'traces.html'})")
     return summary
 

@@ -5,6 +5,11 @@ stopped (a torn last line is repaired).
     hybridfast eval --method base --data gsm8k --limit 50 --out runs/eval
     hybridfast report runs/eval
 
+Rows hold the question, the answer, the gold answer and the grade; rows of hybrid-paper and
+hybrid-routed add each token's id, text, category and whether it was steered, rows of the MH power
+methods whether each MH step was accepted. ``hybridfast report`` turns them into report.md, the
+trace viewer traces.html and the charts.
+
 Run identity: every row records its ``run``: the models (path + file fingerprint, or hub id),
 dtype and device, method and all its parameters (defaults included), the prompt format of each
 model (templates as hashes; the thinking model's prompt is its own tokenizer's chat template),
@@ -60,6 +65,7 @@ from .io import atomic_write_text, parse_jsonl
 from .loading import DTYPE_CHOICES, DTYPE_HELP, device, dtype_name, load_side, load_tokenizer
 from .metrics import summarize
 from .provenance import RunIdentity, artifact_identity, differences, model_identity, text_hash
+from .report import TRACE_FIELDS, mh_fields, token_fields
 
 __all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "method_params", "make_method",
            "Models", "routed_steered_tokens", "grade_rows", "run_eval", "summarize", "main", "report_main",
@@ -270,7 +276,8 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
             o = hm.generate([base_prompt(p["question"]) for p in problems],
                             [think_prompt(p["question"]) for p in problems], **params["generate"],
                             eos_token_id=btok.eos_token_id)
-            return [dict(output=r.text, tokens=len(r.ids), steered_tokens=sum(r.steered)) for r in o.results]
+            return [dict(output=r.text, tokens=len(r.ids), steered_tokens=sum(r.steered),
+                         **token_fields(r, btok, vectors.names)) for r in o.results]
         return run
     from .power import PowerSampler
     steer = hybrid() if name == "power-hybrid" else None
@@ -281,7 +288,8 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
         res = ps.sample(enc(btok, [power_prompt(p["question"]) for p in problems]), **params["sample"],
                         generator=generator(), thinking_prompts=thinking)
         steered = routed_steered_tokens(steer, thinking, res) if steer else [0] * len(res)
-        return [dict(output=r.text, tokens=len(r.ids), steered_tokens=n) for r, n in zip(res, steered)]
+        return [dict(output=r.text, tokens=len(r.ids), steered_tokens=n, **mh_fields(ps.last_stats, b, r))
+                for b, (r, n) in enumerate(zip(res, steered))]
     return run
 
 
@@ -323,14 +331,15 @@ def routed_steered_tokens(hm, thinking_prompts: list[str], samples) -> list[int]
 
 
 def grade_rows(dataset, problems, outs, method, seconds, run: RunIdentity | None = None):
-    """One result row per problem; with ``run``, each row records ``run_id`` and ``run``."""
+    """One result row per problem, with the question and the trace fields (``TRACE_FIELDS``) its
+    output carries; with ``run``, each row records ``run_id`` and ``run``."""
     rows = []
     for p, o in zip(problems, outs):
         pred = extract_answer(dataset, o["output"] or "")
-        rows.append(dict(problem=p["id"], method=method, dataset=dataset, output=o["output"],
+        rows.append(dict(problem=p["id"], method=method, dataset=dataset, question=p["question"], output=o["output"],
                          extracted=pred, gold=p["gold"], correct=grade(dataset, pred, p["gold"]),
                          tokens=o["tokens"], steered_tokens=o["steered_tokens"],
-                         seconds=seconds / max(1, len(problems))))
+                         seconds=seconds / max(1, len(problems)), **{k: o[k] for k in TRACE_FIELDS if k in o}))
         if run is not None:
             rows[-1].update(run_id=run.id, run=run.record())
     return rows
@@ -639,10 +648,13 @@ def main(argv=None):
 
 def report_main(argv=None):
     from .metrics import report_markdown
-    from .plots import bar_svg
+    from .report import write_views
     ap = ArgumentParser(prog="hybridfast report",
-                        description="report.md and accuracy.svg of a run folder: one row per (dataset, method, "
-                                    "run_id), each problem counted once")
+                        description="report.md, accuracy.svg and the trace viewer traces.html (per problem: question, "
+                                    "answer with per-token categories, gold, grade) of a run folder, plus "
+                                    "category_usage.svg and acceptance.svg when its rows carry per-token categories "
+                                    "(hybrid-paper, hybrid-routed) or MH acceptances (power-mh, power-hybrid): one row "
+                                    "per (dataset, method, run_id), each problem counted once")
     ap.add_argument("run_dir", help="a folder written by `hybridfast eval --out` (holding results.jsonl)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
@@ -657,7 +669,6 @@ def report_main(argv=None):
         if not rows:
             raise UserError(f"{results} has no result rows")
     s = summarize(rows)
-    (Path(a.run_dir) / "accuracy.svg").write_text(
-        bar_svg({label: r["accuracy"] for label, r in s["methods"].items()}, "accuracy by method"))
-    (Path(a.run_dir) / "report.md").write_text(report_markdown(s) + "\n![accuracy](accuracy.svg)\n")
+    links = write_views(a.run_dir, s, rows)
+    (Path(a.run_dir) / "report.md").write_text(report_markdown(s) + "\n" + links)
     print(Path(a.run_dir) / "report.md")

@@ -89,6 +89,16 @@ def summarize(results):
     return out
 
 
+def _gap_text(label: str, gaps: dict) -> str:
+    """The gap recovery of hybrid entry ``label`` as the report prints it: a percentage, or why
+    there is none."""
+    if label not in gaps:
+        return "n/a (needs base and thinking on the same dataset)"
+    if gaps[label] is None:
+        return "n/a (base and thinking have the same accuracy)"
+    return f"{gaps[label]:.1%}"
+
+
 def report_markdown(summary) -> str:
     lines = ["# hybridfast run report", "",
              "Accuracies of random-weight demo models are meaningless; real models give real numbers.", "",
@@ -102,9 +112,10 @@ def report_markdown(summary) -> str:
                      f"| {r['steered_fraction_tokens']:.3f} | {tps} |")
     if summary.get("duplicates"):
         lines += ["", f"{summary['duplicates']} duplicate rows (a problem already counted in its row) were ignored."]
-    if summary.get("gap_recovery"):
-        lines += ["", "Gap recovery (clipped at 0; undefined when base = thinking): " +
-                  ", ".join(f"{k}: {v if v is None else round(v, 3)}" for k, v in summary["gap_recovery"].items())]
+    hybrids = [label for label, r in summary["methods"].items() if r["method"].startswith("hybrid")]
+    if hybrids:
+        gaps = summary.get("gap_recovery", {})
+        lines += ["", "Gap recovery (clipped at 0): " + ", ".join(f"{k}: {_gap_text(k, gaps)}" for k in hybrids)]
     if summary.get("stages_seconds"):
         lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in summary["stages_seconds"].items())]
     return "\n".join(lines) + "\n"

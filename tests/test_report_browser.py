@@ -52,10 +52,11 @@ def read_png(data: bytes):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (apt-get install chromium)")
 def test_trace_viewer_in_chromium(tmp_path):
-    records = {"paper": [dict(tokens=["The", " answer", " is", " 42", "."], category=[0, 1, 1, 2, 0],
-                              steered=[True, True, False, True, True])]}
+    row = dict(problem="p0", question="What is 6 * 7?", output="The answer is 42.", extracted="42", gold="42",
+               correct=True, pieces=["The", " answer", " is", " 42", "."], category=[0, 1, 1, 2, 0],
+               steered=[True, True, False, True, True], category_names=["deduction", "check", "compute"])
     page = tmp_path / "traces.html"
-    page.write_text(trace_viewer_html(records, ["deduction", "check", "compute"]))
+    page.write_text(trace_viewer_html({"hybrid-paper": [row]}))
     shot = tmp_path / "shot.png"
     r = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'prof'}", "--enable-logging=stderr",
                         "--window-size=800,400", f"--screenshot={shot}", page.as_uri()],
