@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, sync, table, write  # noqa: E402
+from common import add_output_flags, env_info, result_path, sync, table, write  # noqa: E402
 
 from hybridfast import HybridModel, PowerSampler  # noqa: E402
 from hybridfast.engine import Engine  # noqa: E402
@@ -85,8 +85,9 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--modes", nargs="+", default=["plain", "routed", "paper", "mh"])
     ap.add_argument("--dtype", default=None, choices=[None, "fp32", "bf16"])
-    ap.add_argument("--out")
+    add_output_flags(ap)
     a = ap.parse_args(argv)
+    out = result_path(ap, a, "compile-" + os.path.basename(a.model.rstrip("/")).lower())
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16).get(a.dtype)
     model, tok = load_model(a.model, dtype=dtype, device=dev)
@@ -102,8 +103,7 @@ def main(argv=None):
         if eager and r["compiled"]:
             r["compiled_vs_eager"] = r["tok_s"] / eager["tok_s"]
     print(table(rows, ["B", "mode", "compiled", "tok_s", "vs_plain", "compiled_vs_eager", "first_call_s"]))
-    name = "compile-" + os.path.basename(a.model.rstrip("/")).lower()
-    write(name, dict(env=env_info(), args=vars(a), rows=rows), a.out)
+    write(out.stem, dict(env=env_info(), args=vars(a), rows=rows), out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The one-command GPU check: kernels vs the reference on CUDA, kernel times, host syncs per
 token and tokens/s of every generation mode. Writes one JSON under ``bench/results/``.
 
-    python bench/gpu_check.py                 # on a machine with a CUDA GPU, < 10 minutes
+    python bench/gpu_check.py --overwrite     # on a machine with a CUDA GPU, < 10 minutes
     python bench/gpu_check.py --smoke         # tiny shapes on any device (CI keeps it running)
 
 Sections (each recorded even when another fails; a failure is a row with its error, and the
@@ -30,7 +30,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import count_syncs, env_info, table, write  # noqa: E402
+from common import add_output_flags, count_syncs, env_info, result_path, table, write  # noqa: E402
 
 import hybridfast.ops as ops  # noqa: E402
 from hybridfast.ops.reference import inv_temperature, route_steer_ref, sample_logprobs_ref  # noqa: E402
@@ -355,7 +355,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting generation runs after this")
-    ap.add_argument("--out", help="JSON path (default bench/results/gpu-check-<device>.json)")
+    add_output_flags(ap)
     a = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -381,12 +381,11 @@ def main(argv=None):
     payload["errors"] = sum("error" in r for sec in ("kernels", "kernel_times", "generation")
                             for r in payload[sec])
     payload["seconds"] = time.perf_counter() - t0
-    name = "gpu-check-" + ("smoke" if a.smoke else
-                           (torch.cuda.get_device_name(0).replace(" ", "-").lower() if dev == "cuda" else "cpu"))
-    path = a.out or str(os.path.join(os.path.dirname(__file__), "results", name + ".json"))
-    write(name, payload, path)
+    gpu = torch.cuda.get_device_name(0).replace(" ", "-").lower() if dev == "cuda" else "cpu"
+    path = result_path(ap, a, "gpu-check-smoke" if a.smoke else f"gpu-check-{gpu}")
+    write(path.stem, payload, path)
     if os.environ.get("OUT"):
-        write(name, payload, os.path.join(os.environ["OUT"], name + ".json"))
+        write(path.stem, payload, os.path.join(os.environ["OUT"], path.name))
     print(table(payload["kernels"], ["op", "B", "d", "K", "C", "V", "T", "top_k", "dtype", "edge", "ok",
                                      "err_over_allowed", "cat_match", "token_match", "error"]))
     print(table(payload["kernel_times"], ["op", "B", "d", "K", "V", "triton_us", "ref_eager_us",

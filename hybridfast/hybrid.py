@@ -223,7 +223,7 @@ class HybridModel:
 
     # ------------------------------------------------------------------ paper mode
     def _paper(self, ids_b, len_b, ids_t, len_t, T, eos, pad):
-        mb, mt = self.base.m, self.thinking.m
+        mb = self.base.m
         B = ids_b.shape[0]
         C = self.coefs.numel()
         L, Ls = self.steer_layer, self.sae_layer
@@ -305,7 +305,6 @@ class HybridModel:
     # ------------------------------------------------------------------ routed mode
     def _routed(self, ids_b, len_b, ids_t, len_t, T, eos, pad, temperature, top_k, generator,
                 do_steer=True):
-        mb = self.base.m
         B = ids_b.shape[0]
         L, Ls = self.steer_layer, self.sae_layer
         cb = self.base.new_cache(B, int(len_b.max()) + T)
