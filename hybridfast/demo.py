@@ -90,7 +90,8 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
         vec = train_steering_vectors(base, exs, bias_exs, K, steer_layer, epochs=vector_epochs,
                                      batch_size=16,
                                      names=[c["name"] for c in taxonomy["categories"]],
-                                     progress=progress, checkpoint_dir=out / "vectors-ckpt")
+                                     progress=progress, checkpoint_dir=out / "vectors-ckpt",
+                                     restart=True)   # every demo run regenerates all its inputs
         save_vectors(out / "vectors", vec, steer_layer=steer_layer, model_id=model)
     sae_p, vec_p = load_sae(out / "sae"), load_vectors(out / "vectors")
     bp = [base_prompt(p["question"]) for p in evalp]
