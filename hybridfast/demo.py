@@ -145,17 +145,23 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="hybridfast demo", description=__doc__)
-    ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--n-train", type=int, default=24)
-    ap.add_argument("--n-eval", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
+    ap.add_argument("--n-train", type=int, default=24,
+                    help="GSM8K train problems traced for the taxonomy (default: %(default)s)")
+    ap.add_argument("--n-eval", type=int, default=4,
+                    help="GSM8K test problems every method answers (default: %(default)s)")
+    ap.add_argument("--max-new-tokens", type=int, default=48,
+                    help="answer length for every method (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
     ap.add_argument("--model", default="smollm2-135m",
                     help="named model, GGUF file/folder, HF path or hub id (default: %(default)s)")
     ap.add_argument("--tiny", action="store_true", help="tiny random-weight models (seconds)")
-    ap.add_argument("--trace-tokens", type=int, default=96)
-    ap.add_argument("--vector-epochs", type=int, default=4)
-    ap.add_argument("--vector-examples", type=int, default=64)
+    ap.add_argument("--trace-tokens", type=int, default=96,
+                    help="length of each thinking trace (default: %(default)s)")
+    ap.add_argument("--vector-epochs", type=int, default=4,
+                    help="steering-vector training epochs (default: %(default)s)")
+    ap.add_argument("--vector-examples", type=int, default=64,
+                    help="training examples for the vectors (default: %(default)s)")
     a = ap.parse_args(argv)
     run_demo(a.out, a.n_train, a.n_eval, a.max_new_tokens, a.seed, model="tiny" if a.tiny else a.model,
              trace_tokens=a.trace_tokens, vector_epochs=a.vector_epochs,

@@ -335,7 +335,7 @@ class _Parsed(Exception):
         self.parser = parser
 
 
-@pytest.mark.parametrize("command", ["eval", "report", "discover", "train-vectors", "power-sample", "bench",
+@pytest.mark.parametrize("command", ["demo", "eval", "report", "discover", "train-vectors", "power-sample", "bench",
                                      "bench-power"])
 def test_every_command_and_flag_has_help(command, monkeypatch):
     from hybridfast import cli
