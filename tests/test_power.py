@@ -176,7 +176,7 @@ def test_power_sample_cli_resumes(tmp_path):
     assert [x["id"] for x in rows] == ["p0", "p1", "p2"] and all(len(x["ids"]) == len(x["logp"]) for x in rows)
     out.write_text("".join(json.dumps(x) + "\n" for x in rows[:1]))      # lose the last two
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "2 sampled, 1 already done" in r.stdout
+    assert r.returncode == 0 and "2 prompts sampled, 1 already done" in r.stdout
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ["p0", "p1", "p2"]
 
 

@@ -54,10 +54,10 @@ def test_engine_matches_generate_ragged_with_eos(smol, questions):
         [thinking_prompt(tok, "Reply with the single word yes.")]
     ids = _ids(tok, prompts)
     assert len({len(p) for p in ids}) == 4                      # ragged
-    out = Engine(model).generate(ids, 24, eos_token_id=tok.eos_token_id)
+    out = Engine(model).generate(ids, 40, eos_token_id=tok.eos_token_id)
     eos_seen = False
     for p, got in zip(ids, out.sequences()):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
+        ref = model.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
         want = ref[0, len(p):].tolist()
         if tok.eos_token_id in want:

@@ -273,6 +273,7 @@ def test_triton_op_and_device_kernels():
             torch.randn(d_r, K, generator=g), torch.zeros(K), torch.zeros(d_r),
             torch.randn(K, d, generator=g), torch.ones(K))
     ref, rcat = route_steer_ref(*args)
+    ops.route_steer(*args, impl="triton")       # loading the Triton path defines its triton_ops
     out, cat = torch.ops.hybridfast.route_steer_triton(*args, None, None, False, -math.inf, None)
     assert torch.equal(cat, rcat) and torch.allclose(out, ref, atol=1e-6)
     out, cat = torch.ops.hybridfast.route_steer(*args, None, None, False, -math.inf, None, "auto")

@@ -61,6 +61,8 @@ def _triton():
             _triton_mod = kernels
         except Exception as e:  # noqa: BLE001 - any import failure means "unavailable"
             _triton_error = f"triton kernels unavailable ({type(e).__name__}: {e})"
+        else:
+            _register_triton_ops()
     return _triton_mod
 
 
@@ -392,17 +394,22 @@ for _dev in ("cpu", "cuda"):   # the same resolution rule, registered per device
     torch.library.register_kernel("hybridfast::sample_logprobs", _dev)(_sample_op._init_fn)
 
 
-@torch.library.triton_op("hybridfast::route_steer_triton", mutates_args=())
-def _route_steer_triton_op(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
-                           b_enc: torch.Tensor, b_dec: torch.Tensor, V: torch.Tensor,
-                           coef: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                           x_mean: Optional[torch.Tensor], normalize: bool, threshold: float,
-                           coefs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton().route_steer_triton(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean,
-                                        normalize, threshold, coefs)
+def _register_triton_ops() -> None:
+    """Define the ``triton_op``s once, when the Triton kernels are first loaded (defining them
+    imports triton, which ``import hybridfast`` must not)."""
+    if hasattr(torch.ops.hybridfast, "route_steer_triton"):
+        return
 
+    @torch.library.triton_op("hybridfast::route_steer_triton", mutates_args=())
+    def _route_steer_triton_op(h: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+                               b_enc: torch.Tensor, b_dec: torch.Tensor, V: torch.Tensor,
+                               coef: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                               x_mean: Optional[torch.Tensor], normalize: bool, threshold: float,
+                               coefs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_mod.route_steer_triton(h, x, W_enc, b_enc, b_dec, V, coef, bias, x_mean,
+                                              normalize, threshold, coefs)
 
-@torch.library.triton_op("hybridfast::sample_logprobs_triton", mutates_args=())
-def _sample_triton_op(logits: torch.Tensor, temperature: float, seed: torch.Tensor,
-                      top_k: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sample_impl("triton", logits, temperature, seed, top_k, check_nan=False)
+    @torch.library.triton_op("hybridfast::sample_logprobs_triton", mutates_args=())
+    def _sample_triton_op(logits: torch.Tensor, temperature: float, seed: torch.Tensor,
+                          top_k: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _sample_impl("triton", logits, temperature, seed, top_k, check_nan=False)
