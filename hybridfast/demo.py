@@ -40,7 +40,7 @@ def _setup(model: str, seed: int):
                                     f"step-by-step instruction; base: plain task prompt)")
 
 
-def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=0, progress=True,
+def run_demo(out_dir="runs/demo", n_train=24, n_eval=8, max_new_tokens=160, seed=0, progress=True,
              model="smollm2-135m", trace_tokens=96, vector_epochs=4, vector_examples=64):
     from .datasets import load_problems
     from .metrics import report_markdown, summarize
@@ -48,7 +48,7 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
     from .hybrid import HybridModel
     from .io import load_sae, load_vectors, save_vectors, write_jsonl
     from .power import PowerSampler
-    from .prompts import base_prompt, power_prompt, thinking_prompt
+    from .prompts import base_prompt, thinking_prompt
     from .report import mh_fields, token_fields, write_views
     from .taxonomy import (build_vector_examples, discover, generate_traces,
                            train_steering_vectors, write_discovery)
@@ -119,7 +119,8 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=4, max_new_tokens=48, seed=
                 add(f"hybrid-{mode}", i, r.text, len(r.ids), sum(r.steered), o.seconds / len(bp),
                     **token_fields(r, tok, vec_p.names))
     with stage("power"):
-        pp = [tok(power_prompt(p["question"]), add_special_tokens=False)["input_ids"] for p in evalp]
+        # power sampling samples the base side: the base prompt, compared with base greedy
+        pp = [tok(p, add_special_tokens=False)["input_ids"] for p in bp]
         for method in ("mh", "smc"):
             ps = PowerSampler(base, alpha=4.0, block_size=16, n_mcmc=2, max_new_tokens=max_new_tokens,
                               method=method, n_particles=8, tokenizer=tok, eos_token_id=tok.eos_token_id)
@@ -148,9 +149,9 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     ap.add_argument("--n-train", type=int, default=24,
                     help="GSM8K train problems traced for the taxonomy (default: %(default)s)")
-    ap.add_argument("--n-eval", type=int, default=4,
+    ap.add_argument("--n-eval", type=int, default=8,
                     help="GSM8K test problems every method answers (default: %(default)s)")
-    ap.add_argument("--max-new-tokens", type=int, default=48,
+    ap.add_argument("--max-new-tokens", type=int, default=160,
                     help="answer length for every method (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
     ap.add_argument("--model", default="smollm2-135m",

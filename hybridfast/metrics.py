@@ -100,9 +100,10 @@ def _gap_text(label: str, gaps: dict) -> str:
 
 
 def report_markdown(summary) -> str:
-    lines = ["# hybridfast run report", "",
-             "Accuracies of random-weight demo models are meaningless; real models give real numbers.", "",
-             "| dataset | method | run | n | accuracy | 95% CI | unparseable | steered (per-problem) "
+    lines = ["# hybridfast run report", ""]
+    if summary.get("models"):
+        lines += [f"Models: {summary['models']}.", ""]
+    lines += ["| dataset | method | run | n | accuracy | 95% CI | unparseable | steered (per-problem) "
              "| steered (tokens) | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["methods"].values():
