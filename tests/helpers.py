@@ -30,3 +30,28 @@ def router_and_vectors(d_think: int, d_base: int, K: int = 5, seed: int = 0):
 
 BASE_PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
 THINK_PROMPTS = [[3, 4, 5], [20, 21, 22, 23, 24, 25], [30, 31]]
+
+
+def error_line(text: str) -> str:
+    """The one line a refused command prints (and nothing else)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hybridfast: error: "), text
+    return lines[0]
+
+
+def refused(argv, capsys, entry=None) -> str:
+    """Run a CLI entry (default ``hybridfast eval``) in this process; it must exit 2 with one
+    error line, which is returned."""
+    import pytest
+    from hybridfast.eval import main
+    with pytest.raises(SystemExit) as e:
+        (entry or main)(argv)
+    assert e.value.code == 2
+    return error_line(capsys.readouterr().err)
+
+
+def forbid_model_loading(monkeypatch):
+    """From now on, loading a model in ``hybridfast eval`` fails the test."""
+    import pytest
+    import hybridfast.eval as ev
+    monkeypatch.setattr(ev, "_models", lambda *a, **k: pytest.fail("a model was loaded"))

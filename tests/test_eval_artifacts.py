@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import hybridfast
-import hybridfast.eval as ev
 from hybridfast.artifacts import SAEParams, SteeringVectors
 from hybridfast.eval import ResultsLog, main, routed_steered_tokens, run_eval
 from hybridfast.io import load_vectors, save_sae, save_vectors
 from hybridfast.provenance import text_hash
 from hybridfast.tiny import tiny_pair, tiny_tokenizer
+
+from .helpers import error_line, forbid_model_loading, refused
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--limit", "1", "--batch-size", "1", "--max-new-tokens", "4"]
@@ -28,23 +29,6 @@ FAST = ["--limit", "1", "--batch-size", "1", "--max-new-tokens", "4"]
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "hybridfast.cli", *args], capture_output=True, text=True,
                           timeout=600)
-
-
-def _error_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hybridfast: error: "), text
-    return lines[0]
-
-
-def _refused(argv, capsys, entry=main) -> str:
-    with pytest.raises(SystemExit) as e:
-        entry(argv)
-    assert e.value.code == 2
-    return _error_line(capsys.readouterr().err)
-
-
-def _forbid_model_loading(monkeypatch):
-    monkeypatch.setattr(ev, "_models", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 def _artifacts(folder, *, sae_layer=3, steer_layer=2, K=3, vectors_K=None, threshold=None,
@@ -87,11 +71,11 @@ def test_layers_come_from_the_artifacts_and_a_differing_flag_is_refused_naming_b
     r = _cli("eval", "--method", "hybrid-routed", "--sae", sae, "--vectors", vec, "--sae-layer", "2",
              "--out", str(tmp_path / "b"), *FAST)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert _error_line(r.stderr) == (f"hybridfast: error: --sae-layer 2 differs from the layer 3 that --sae {sae} was "
+    assert error_line(r.stderr) == (f"hybridfast: error: --sae-layer 2 differs from the layer 3 that --sae {sae} was "
                                      f"made for; drop --sae-layer to use 3, or pass --override-artifact-settings "
                                      f"to use 2 anyway")
-    _forbid_model_loading(monkeypatch)
-    line = _refused(["--method", "hybrid-paper", "--sae", sae, "--vectors", vec, "--steer-layer", "1",
+    forbid_model_loading(monkeypatch)
+    line = refused(["--method", "hybrid-paper", "--sae", sae, "--vectors", vec, "--steer-layer", "1",
                      "--out", str(tmp_path / "b"), *FAST], capsys)
     assert "--steer-layer 1 differs from the layer 2 that --vectors" in line
     assert not (tmp_path / "b").exists()
@@ -110,8 +94,8 @@ def test_an_artifact_that_records_no_layer_needs_the_flag(tmp_path, capsys, monk
     Path(vec, "config.json").write_text(json.dumps(cfg))
     assert load_vectors(vec).meta["steer_layer"] is None
     base = ["--method", "hybrid-routed", "--sae", sae, "--vectors", vec, "--out", str(tmp_path / "run"), *FAST]
-    _forbid_model_loading(monkeypatch)
-    assert _refused(base, capsys) == (f"hybridfast: error: --vectors {vec} records no layer (an older or foreign "
+    forbid_model_loading(monkeypatch)
+    assert refused(base, capsys) == (f"hybridfast: error: --vectors {vec} records no layer (an older or foreign "
                                       f"artifact): pass --steer-layer")
     monkeypatch.undo()
     used = _spy_hybrid_layers(monkeypatch)
@@ -128,8 +112,8 @@ def test_an_artifact_that_records_no_layer_needs_the_flag(tmp_path, capsys, monk
 ])
 def test_artifacts_of_another_taxonomy_or_model_are_refused(tmp_path, capsys, monkeypatch, change, message):
     sae, vec = _artifacts(tmp_path, **change)
-    _forbid_model_loading(monkeypatch)
-    line = _refused(["--method", "hybrid-paper", "--sae", sae, "--vectors", vec, "--out", str(tmp_path / "r"), *FAST],
+    forbid_model_loading(monkeypatch)
+    line = refused(["--method", "hybrid-paper", "--sae", sae, "--vectors", vec, "--out", str(tmp_path / "r"), *FAST],
                     capsys)
     assert line.startswith("hybridfast: error: " + message.format(sae=sae, vec=vec))
 
@@ -144,8 +128,8 @@ def test_a_non_finite_tensor_is_refused_naming_it_and_its_artifact(tmp_path, cap
     t = load_tensors(path)
     t[tensor].view(-1)[1] = value
     save_tensors(path, t)
-    _forbid_model_loading(monkeypatch)
-    line = _refused(["--method", "hybrid-routed", "--sae", sae, "--vectors", vec, "--out", str(tmp_path / "r"), *FAST],
+    forbid_model_loading(monkeypatch)
+    line = refused(["--method", "hybrid-routed", "--sae", sae, "--vectors", vec, "--out", str(tmp_path / "r"), *FAST],
                     capsys)
     flag, kind, folder = ("--sae", "SAE", sae) if which == "sae" else ("--vectors", "vectors", vec)
     assert line.startswith(f"hybridfast: error: {flag} {folder}: {kind} {folder}: tensor {tensor!r} has 1 "
@@ -181,7 +165,7 @@ def test_train_vectors_resumes_only_its_own_configuration(taxonomy, tmp_path):
     # a finished layer-1 run in OUT: asking for layer 3 is refused, naming the key and the way out
     r = _cli(*args, "--steer-layer", "3")
     assert r.returncode == 2, r.stderr[-2000:]
-    line = _error_line(r.stderr)
+    line = error_line(r.stderr)
     assert f"--out {out}: {out / 'checkpoint'} holds a checkpoint of another configuration (" in line
     assert "steer_layer: 1 -> 3" in line and line.endswith("pass --restart to discard it and train from scratch, "
                                                            "or another --out")
@@ -258,13 +242,13 @@ def test_every_power_setting_is_a_flag_in_the_run_identity(tmp_path, capsys, mon
     row = ResultsLog(tmp_path / "power-smc" / "results.jsonl").rows()[0]
     assert {k: row["run"]["power"][k] for k in ("alpha", "block_size", "n_mcmc", "n_particles")} == \
         dict(alpha=4.0, block_size=1, n_mcmc=2, n_particles=8)
-    _forbid_model_loading(monkeypatch)
+    forbid_model_loading(monkeypatch)
     for method, flags, change in [("power-mh", ["--alpha", "5"], "power.alpha: 4.0 -> 5.0"),
                                   ("power-mh", ["--block-size", "2"], "power.block_size: 1 -> 2"),
                                   ("power-mh", ["--n-mcmc", "3"], "power.n_mcmc: 2 -> 3"),
                                   ("power-mh", ["--dtype", "bf16"], 'dtype: "fp32" -> "bf16"'),
                                   ("power-smc", ["--n-particles", "4"], "power.n_particles: 8 -> 4")]:
-        line = _refused(["--method", method, "--out", str(tmp_path / method), *FAST, *flags], capsys)
+        line = refused(["--method", method, "--out", str(tmp_path / method), *FAST, *flags], capsys)
         assert f"differs in {change};" in line, line
 
 
@@ -312,7 +296,7 @@ def test_power_sample_rows_hold_their_own_stats_and_the_summary_the_batch_totals
     assert summary["totals"]["token_forwards"] == sum(b["token_forwards"] for b in summary["batches"]) > 0
     assert summary["run"]["chains"] == 2 and {r["run_id"] for r in rows} == {summary["run_id"]}
     capsys.readouterr()
-    line = _refused([*args, "--chains", "3"], capsys, power_main)
+    line = refused([*args, "--chains", "3"], capsys, power_main)
     assert "differs in chains: 2 -> 3;" in line
     power_main(args)
     assert capsys.readouterr().out.startswith("0 prompts sampled, 2 already done")
@@ -325,9 +309,9 @@ def test_version_and_top_level_errors():
     assert (r.returncode, r.stdout) == (0, f"hybridfast {hybridfast.__version__}\n")
     r = _cli("no-such-command")
     assert r.returncode == 2
-    assert "argument COMMAND: invalid choice: 'no-such-command'" in _error_line(r.stderr)
+    assert "argument COMMAND: invalid choice: 'no-such-command'" in error_line(r.stderr)
     r = _cli()
-    assert r.returncode == 2 and "the following arguments are required: COMMAND" in _error_line(r.stderr)
+    assert r.returncode == 2 and "the following arguments are required: COMMAND" in error_line(r.stderr)
 
 
 class _Parsed(Exception):
@@ -369,7 +353,7 @@ def test_bench_writes_a_new_result_file_unless_overwrite(tmp_path, monkeypatch, 
     assert len(new) == 2 and all(json.loads(f.read_text())["rows"][0]["B"] == 1 for f in new)
     assert cited.read_text() == "the result the README cites\n"
     capsys.readouterr()
-    line = _refused([*args[1:], "--out", str(new[0])], capsys, lambda argv: cli.main(["bench", *argv]))
+    line = refused([*args[1:], "--out", str(new[0])], capsys, lambda argv: cli.main(["bench", *argv]))
     assert line == f"hybridfast: error: hybridfast bench: --out {new[0]} exists; pass --overwrite to replace it " \
                    f"(see --help)"
     cli.main([*args, "--overwrite"])

@@ -12,9 +12,10 @@ import time
 import pytest
 
 import hybridfast.datasets as datasets
-import hybridfast.eval as ev
 from hybridfast.datasets import load_problems
 from hybridfast.eval import ResultsLog, main, report_main, run_eval
+
+from .helpers import error_line, forbid_model_loading, refused
 
 
 def _cli(*args):
@@ -27,29 +28,9 @@ def _gsm8k_file(path, questions):
     return path
 
 
-def _error_line(text: str) -> str:
-    """The one line a refused command prints (and nothing else)."""
-    lines = text.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hybridfast: error: "), text
-    return lines[0]
-
-
-def _refused(argv, capsys) -> str:
-    """Run ``hybridfast eval argv`` in this process; it must exit 2 with one error line."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    return _error_line(capsys.readouterr().err)
-
-
-def _forbid_model_loading(monkeypatch):
-    """From now on, loading a model fails the test."""
-    monkeypatch.setattr(ev, "_models", lambda *a, **k: pytest.fail("a model was loaded"))
-
-
 @pytest.fixture
 def no_model(monkeypatch):
-    _forbid_model_loading(monkeypatch)
+    forbid_model_loading(monkeypatch)
 
 
 def test_changed_settings_on_an_existing_out_are_refused_naming_the_key(tmp_path, capsys, monkeypatch):
@@ -62,10 +43,10 @@ def test_changed_settings_on_an_existing_out_are_refused_naming_the_key(tmp_path
     # the real command: exit status 2, one line naming the key, both values and the way out
     r = subprocess.run(_cli(*common, "--max-new-tokens", "16"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
-    line = _error_line(r.stderr)
+    line = error_line(r.stderr)
     assert "differs in generate.max_new_tokens: 8 -> 16;" in line and "pass a new --out" in line
-    _forbid_model_loading(monkeypatch)
-    line = _refused([*common, "--max-new-tokens", "8", "--seed", "1"], capsys)
+    forbid_model_loading(monkeypatch)
+    line = refused([*common, "--max-new-tokens", "8", "--seed", "1"], capsys)
     assert "differs in seed: 0 -> 1;" in line and "max_new_tokens" not in line
     assert (out / "results.jsonl").read_text() == before
     main([*common, "--max-new-tokens", "8"])            # the identical configuration continues
@@ -87,7 +68,7 @@ def test_two_path_files_into_one_out_are_both_evaluated(tmp_path, monkeypatch):
     assert sorted(r["run"]["data"]["location"] for r in rows) == [str(a)] * 3 + [str(b)] * 2
     assert all(r["run"]["data"]["sha256"] == sha[r["run"]["data"]["location"]] for r in rows)
     # ids do not move with --offset: problems 2 and 3 of a.jsonl are saved already, no model is needed
-    _forbid_model_loading(monkeypatch)
+    forbid_model_loading(monkeypatch)
     assert run_eval("base", path=str(a), offset=1, limit=2, **kw)["methods"]["base"]["n"] == 5
     assert len(ResultsLog(out / "results.jsonl").rows()) == 5
 
@@ -105,7 +86,7 @@ def test_second_writer_is_refused_naming_the_holder_and_ctrl_c_says_how_to_resum
         assert (out / "results.jsonl.lock").read_text().startswith(f"pid {first.pid}, started ")
         second = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-2000:]
-        line = _error_line(second.stderr)
+        line = error_line(second.stderr)
         assert f"{log} is being written by another run (pid {first.pid}, started 20" in line
         first.send_signal(signal.SIGCONT)
         first.send_signal(signal.SIGINT)
@@ -142,7 +123,7 @@ def test_bad_arguments_exit_2_before_loading_a_model(tmp_path, capsys, no_model,
     (tmp_path / "a-file").write_text("")
     args = [a.format(tmp=tmp_path) for a in args]
     argv = ["--method", "base", "--out", str(tmp_path / "run"), *args]
-    assert _refused(argv, capsys).startswith("hybridfast: error: " + message.format(tmp=tmp_path))
+    assert refused(argv, capsys).startswith("hybridfast: error: " + message.format(tmp=tmp_path))
     assert not (tmp_path / "run").exists()
 
 
@@ -155,7 +136,7 @@ def test_cli_error_is_one_line_and_debug_adds_the_traceback(tmp_path):
     assert r.stderr.endswith("hybridfast: error: --limit must be >= 1, got 0\n")
     r = subprocess.run(_cli("--method", "base", "--limit", "x"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    assert "argument --limit: invalid int value: 'x'" in _error_line(r.stderr)
+    assert "argument --limit: invalid int value: 'x'" in error_line(r.stderr)
     assert not (tmp_path / "run").exists()
 
 
