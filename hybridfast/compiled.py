@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["CAPACITY_BUCKET", "compile_options", "compile_step", "bucketed", "mark_static"]
+__all__ = ["CAPACITY_BUCKET", "compile_options", "compile_step", "bucketed", "new_cache"]
 
 #: compiled steps round cache capacities up to a multiple of this many tokens
 CAPACITY_BUCKET = 256
@@ -53,9 +53,12 @@ def bucketed(capacity: int, options: Optional[dict]) -> int:
     return -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
 
 
-def mark_static(tensors, options: Optional[dict]) -> None:
-    """Mark cache tensors as static addresses for CUDA graphs (a no-op eager or on CPU)."""
-    if options is None or options.get("mode") != "reduce-overhead":
-        return
-    for t in tensors:
-        torch._dynamo.mark_static_address(t)
+def new_cache(m, batch: int, capacity: int, options: Optional[dict], **kw):
+    """``m.new_cache`` for a step compiled with ``options``: the capacity rounded up to the
+    bucket, and on CUDA graphs the cache tensors marked as static addresses (written in place
+    by every replay)."""
+    cache = m.new_cache(batch, bucketed(capacity, options), **kw)
+    if options is not None and options.get("mode") == "reduce-overhead":
+        for t in cache.kv + [cache.lengths]:
+            torch._dynamo.mark_static_address(t)
+    return cache

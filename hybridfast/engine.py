@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import ops
-from .compiled import bucketed, compile_options, compile_step, mark_static
+from .compiled import compile_options, compile_step, new_cache
 from .model import DecoderModel, KVCache
 from .ops.rng import RandomStream
 
@@ -84,9 +84,7 @@ class Engine:
 
     def new_cache(self, batch: int, capacity: int, **kw) -> KVCache:
         """A cache for ``capacity`` tokens (rounded up to the compile bucket when compiled)."""
-        cache = self.m.new_cache(batch, bucketed(capacity, self.compile_options), **kw)
-        mark_static(cache.kv + [cache.lengths], self.compile_options)
-        return cache
+        return new_cache(self.m, batch, capacity, self.compile_options, **kw)
 
     def span(self, cache: KVCache, used: int) -> int:
         """Cache slots a decode step attends over: the ``used`` ones eager, all when compiled

@@ -338,19 +338,26 @@ class HybridModel:
             return self.route(h, x, False, validate)
         return h, torch.full((h.shape[0],), -1, dtype=torch.int64, device=h.device)
 
-    def _routed_step_eager(self, tok, len_b, kv_b, len_t, kv_t, span_b: int, span_t: int,
-                           do_steer: bool):
-        """One routed decode step (the function ``compile=`` compiles): the truncated thinking
-        router reads ``tok``, the base model runs with ``route_steer`` entering ``steer_layer``;
-        both caches' lengths advance in place. Returns ``(logits [B, V], category [B])``."""
+    def routed_forward(self, tok_b, tok_t, cb: KVCache, ct: KVCache, span_b: int, span_t: int,
+                       do_steer: bool = True):
+        """One routed forward at each row's current cache lengths (not advanced): the truncated
+        thinking router reads ``tok_t``, the base model reads ``tok_b`` with ``route_steer``
+        entering ``steer_layer``. Returns ``(logits [B, V], category [B])``."""
         mb, mt = self.base.m, self.thinking.m
         L, Ls = self.steer_layer, self.sae_layer
-        ct, cb = KVCache(kv_t, len_t, 0), KVCache(kv_b, len_b, 0)
-        x = mt.run(mt.embed(tok[:, None]), mt.decode_plan(ct, 0, span_t), ct, 0, Ls + 1)[:, 0]
-        len_t.add_(1)
+        x = mt.run(mt.embed(tok_t[:, None]), mt.decode_plan(ct, 0, span_t), ct, 0, Ls + 1)[:, 0]
         plan = mb.decode_plan(cb, 0, span_b)
-        h = mb.run(mb.embed(tok[:, None]), plan, cb, 0, L)
+        h = mb.run(mb.embed(tok_b[:, None]), plan, cb, 0, L)
         h, cat = self._route_or_not(h[:, 0], x, do_steer)
         h = mb.run(h[:, None], plan, cb, L, mb.n_layers)
-        len_b.add_(1)
         return mb.logits(h[:, 0]), cat
+
+    def _routed_step_eager(self, tok, len_b, kv_b, len_t, kv_t, span_b: int, span_t: int,
+                           do_steer: bool):
+        """One routed decode step (the function ``compile=`` compiles): :meth:`routed_forward`
+        on ``tok``, then both caches' lengths advance in place."""
+        out = self.routed_forward(tok, tok, KVCache(kv_b, len_b, 0), KVCache(kv_t, len_t, 0),
+                                  span_b, span_t, do_steer)
+        len_t.add_(1)
+        len_b.add_(1)
+        return out

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .compiled import bucketed, compile_options, compile_step, mark_static
+from .compiled import bucketed, compile_options, compile_step, new_cache
 from .engine import DecoderModel, _eos_ids, pad_id, pad_prompts
 from .model import KVCache
 from .ops.rng import RandomStream
@@ -195,11 +195,6 @@ class PowerSampler:
         m.run(m.embed(tokens[rows[:, None], pos]), m.plan(pos, slots, visible), cache, 0, m.n_layers)
         return int(n.sum())
 
-    def _new_cache(self, m, batch, width, **kw):
-        cache = m.new_cache(batch, width, **kw)
-        mark_static(cache.kv + [cache.lengths], self.compile_options)
-        return cache
-
     def _forward_one(self, cache, st, L, tcache=None):
         """Logits after feeding each row's last token (position ``P + L - 1``); steered when
         ``steer=`` is set (the thinking model reads the same token at its own position)."""
@@ -216,20 +211,16 @@ class PowerSampler:
         rows = torch.arange(L.shape[0], device=L.device)
         cache = KVCache(kv, lengths, scratch)
         lengths.copy_(P + L - 1)
-        plan = m.decode_plan(cache, 0, tokens.shape[1])
-        h = m.embed(tokens[rows, P + L - 1][:, None])
+        tok = tokens[rows, P + L - 1]
         if self.steer is None:
-            h = m.run(h, plan, cache, 0, m.n_layers)
+            h = m.run(m.embed(tok[:, None]), m.decode_plan(cache, 0, tokens.shape[1]), cache, 0,
+                      m.n_layers)
             return m.logits(h[:, 0])
-        hm, mt = self.steer, self.steer.thinking.m
-        tcache = KVCache(tkv, tlengths, 0)
         tlengths.copy_(Pt + L - 1)
-        x = mt.run(mt.embed(tt[rows, Pt + L - 1][:, None]), mt.decode_plan(tcache, 0, tt.shape[1]),
-                   tcache, 0, hm.sae_layer + 1)[:, 0]
-        h = m.run(h, plan, cache, 0, hm.steer_layer)
-        h, _ = hm.route(h[:, 0], x)
-        h = m.run(h[:, None], plan, cache, hm.steer_layer, m.n_layers)
-        return m.logits(h[:, 0])
+        logits, _ = self.steer.routed_forward(tok, tt[rows, Pt + L - 1], cache,
+                                              KVCache(tkv, tlengths, 0), tokens.shape[1],
+                                              tt.shape[1])
+        return logits
 
     def _decode(self, st, cache, L, cap, max_steps, rng, first_logits=None, tcache=None):
         """Extend rows of state ``st`` (tokens/lp/lq/eos) from gen length ``L`` until EOS or
@@ -298,9 +289,9 @@ class PowerSampler:
                    lp=torch.zeros(N, T + 1, device=dev), lq=torch.zeros(N, T + 1, device=dev),
                    eos=torch.zeros(N, dtype=torch.bool, device=dev))
         cur["tokens"][:, : ids.shape[1]] = ids
-        cache = self._new_cache(m, N, width)
+        cache = new_cache(m, N, width, self.compile_options)
         in_place = self.reuse and self.reject == "reprefill"
-        pcache = cache if in_place else self._new_cache(m, N, width)
+        pcache = cache if in_place else new_cache(m, N, width, self.compile_options)
         tcache = tpcache = None
         if self.steer is not None:
             mt = self.steer.thinking.m
@@ -309,8 +300,8 @@ class PowerSampler:
             cur["tt"] = torch.full((N, twidth), pad, dtype=torch.int64, device=dev)
             cur["tt"][:, : tids.shape[1]] = tids
             cur["Pt"] = Pt
-            tcache = self._new_cache(mt, N, twidth, layers=self.steer.sae_layer + 1)
-            tpcache = self._new_cache(mt, N, twidth, layers=self.steer.sae_layer + 1)
+            tcache = new_cache(mt, N, twidth, self.compile_options, layers=self.steer.sae_layer + 1)
+            tpcache = new_cache(mt, N, twidth, self.compile_options, layers=self.steer.sae_layer + 1)
         caches = [(cache, pcache)] + ([(tcache, tpcache)] if tcache is not None else [])
         L = torch.zeros(N, dtype=torch.int64, device=dev)
         fw = torch.zeros((), dtype=torch.int64, device=dev)
@@ -432,7 +423,7 @@ class PowerSampler:
         cum_lp = torch.zeros(N, dtype=torch.float64, device=dev)
         eos = torch.tensor(self.eos or [-1], device=dev)
         rows = torch.arange(N, device=dev)
-        cache = self._new_cache(m, N, width)
+        cache = new_cache(m, N, width, self.compile_options)
         logits = self._prefill(cache, tokens, P)
         fw = int(P.sum())
         n_resample = 0
