@@ -330,9 +330,9 @@ def sample_logprobs(logits: torch.Tensor, temperature: float, *,
 
 
 # ----------------------------------------------------------------------------- torch.library
-# ``hybridfast::route_steer`` / ``hybridfast::sample_logprobs``: custom ops whose kernels are
-# registered per device (CPU: the C++ extension, else the reference; CUDA: Triton). The last
-# argument forces an implementation ("auto" lets the device decide, as ``resolve_impl`` does).
+# ``hybridfast::route_steer`` / ``hybridfast::sample_logprobs``: custom ops whose one kernel picks
+# the implementation by device through ``resolve_impl`` (CPU: the C++ extension, else the
+# reference; CUDA: Triton); the last argument forces one ("auto" lets the device decide).
 # The Triton path is also a ``triton_op`` (``hybridfast::route_steer_triton`` /
 # ``hybridfast::sample_logprobs_triton``) launched through ``wrap_triton``, so torch.compile
 # traces the Triton kernels themselves (fusable, CUDA-graph capturable) instead of an opaque call.
@@ -388,10 +388,6 @@ def _(logits, temperature, seed, top_k, impl):
     return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32),
             logits.new_empty((B,), dtype=torch.float32))
 
-
-for _dev in ("cpu", "cuda"):   # the same resolution rule, registered per device
-    torch.library.register_kernel("hybridfast::route_steer", _dev)(_route_steer_op._init_fn)
-    torch.library.register_kernel("hybridfast::sample_logprobs", _dev)(_sample_op._init_fn)
 
 
 def _register_triton_ops() -> None:
