@@ -93,8 +93,8 @@ def check_route(g, dev, B, d, K, C, dtype, **edge):
     m = (same & rows_ok)[..., None].expand_as(t)
     err_k = (o - t).abs()[m]
     allowed = (2 * (r - t).abs() + FLOOR[DT[dtype]] * (1 + t.abs()))[m]
-    nan_h_ok = bool(torch.equal(out[nan_rows].cpu(), p["h"][nan_rows].cpu()[:, None].expand_as(out[nan_rows].cpu())
-                                if C else p["h"][nan_rows].cpu()))
+    h_nan = p["h"][nan_rows]                     # NaN router rows must be left unsteered
+    nan_h_ok = bool(torch.equal(out[nan_rows], h_nan[:, None].expand_as(out[nan_rows]) if C else h_nan))
     ok = cat_ok and nan_ok and nan_h_ok and bool((err_k <= allowed).all())
     return dict(ok=ok, max_err=float(err_k.max()) if err_k.numel() else 0.0,
                 err_over_allowed=float((err_k / allowed).max()) if err_k.numel() else 0.0,
