@@ -21,24 +21,39 @@ from . import ops
 from .compiled import compile_options, compile_step, new_cache
 from .model import DecoderModel, KVCache
 from .ops.rng import RandomStream
+from .scheduler import Request, Scheduler
 
-__all__ = ["Engine", "Generation", "pad_prompts", "pad_id"]
+__all__ = ["Engine", "Generation", "PlainMode", "pad_prompts", "pad_id", "sample"]
 
 
 @dataclass
 class Generation:
     """Output of :meth:`Engine.generate`. Tensors are on the CPU."""
-    tokens: torch.Tensor          #: [B, max_new_tokens] generated ids (EOS-padded after the end)
+    tokens: torch.Tensor          #: [B, T] generated ids (EOS-padded after each row's end)
     lengths: torch.Tensor         #: [B] generated tokens per row, EOS included
     logp: torch.Tensor            #: [B, max_new_tokens] log p (temperature 1) of each token
     logq: torch.Tensor            #: [B, max_new_tokens] log-prob under the sampling distribution
-    steps: int = 0                #: decode steps run
+    steps: int = 0                #: tokens chosen per row (the longest row's length)
     token_forwards: int = 0       #: token positions pushed through the model (prefill + decode)
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def sequences(self) -> list[list[int]]:
         return [self.tokens[b, : int(self.lengths[b])].tolist() for b in range(self.tokens.shape[0])]
+
+    @classmethod
+    def from_completions(cls, done: list, pad: int) -> "Generation":
+        """Pad the scheduler's completions (in prompt order) into ``[B, T]`` tensors."""
+        T = max(len(c.tokens) for c in done)
+        B = len(done)
+        tokens = torch.full((B, T), pad, dtype=torch.int64)
+        logp, logq = torch.zeros(B, T), torch.zeros(B, T)
+        for b, c in enumerate(done):
+            n = len(c.tokens)
+            tokens[b, :n] = torch.tensor(c.tokens, dtype=torch.int64)
+            logp[b, :n] = torch.tensor(c.fields["logp"])
+            logq[b, :n] = torch.tensor(c.fields["logq"])
+        return cls(tokens, torch.tensor([len(c.tokens) for c in done]), logp, logq)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,83 +151,71 @@ class Engine:
             return None, captured
         return m.logits(h[bidx, last]), captured
 
+    def requests(self, prompts, max_new_tokens) -> list[Request]:
+        """Scheduler requests for token-id prompts (lists or 1-D tensors)."""
+        return [Request((p,), max_new_tokens, i) for i, p in enumerate(prompts)]
+
+    def scheduler(self, rows: int, capacity: int, *, temperature: float = 0.0,
+                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                  eos_token_id=None, compact: bool = True) -> Scheduler:
+        """A continuous-batching scheduler of plain decoding over ``rows`` cache rows of
+        ``capacity`` tokens (see :mod:`hybridfast.scheduler`)."""
+        eos = _eos_ids(self.hf, eos_token_id)
+        mode = PlainMode(self, temperature, top_k, generator, pad_id(eos))
+        return Scheduler(mode, rows=rows, capacities=[capacity], eos=eos, pad=pad_id(eos),
+                         sync_every=self.sync_every, compact=compact)
+
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 eos_token_id=None, pad_token_id: Optional[int] = None) -> Generation:
-        """Generate for a batch of token-id prompts (lists or a list of 1-D tensors)."""
+                 eos_token_id=None, rows: Optional[int] = None) -> Generation:
+        """Generate for token-id prompts (lists or 1-D tensors). By default every prompt gets a
+        row (static batching); ``rows=N`` decodes them N at a time with continuous batching
+        (a prompt starts as soon as a row frees; the batch shrinks as the queue drains). Greedy
+        tokens are the same either way."""
         t0 = time.perf_counter()
-        m = self.m
         prompts = [list(map(int, p)) for p in prompts]
-        eos = _eos_ids(self.hf, eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else pad_id(eos)
-        ids, lengths = pad_prompts(prompts, pad, m.device)
-        B = ids.shape[0]
-        cache = self.new_cache(B, int(lengths.max()) + max_new_tokens)
-        logits, _ = self.prefill(ids, lengths, cache)
-        dec = Decoder(self, cache, eos, pad, temperature, top_k, generator)
-        toks, lps, lqs = dec.run(logits, max_new_tokens, int(lengths.max()))
-        out = dec.finish(toks, lps, lqs)
-        out.token_forwards = int(lengths.sum()) + dec.forwards
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        reqs = self.requests(prompts, max_new_tokens)
+        sched = self.scheduler(rows or len(prompts), max(map(len, prompts)) + max_new_tokens,
+                               temperature=temperature, top_k=top_k, generator=generator,
+                               eos_token_id=eos_token_id, compact=rows is not None)
+        done = {c.index: c for c in sched.run(reqs)}
+        out = Generation.from_completions([done[i] for i in range(len(prompts))], sched.pad)
+        st = sched.stats
+        out.steps, out.extra = sched.chosen, st
+        out.token_forwards = st["prefill_tokens"] + st["row_steps"]
         out.seconds = time.perf_counter() - t0
         return out
 
 
-class Decoder:
-    """The per-step loop shared by plain generation (and extended by the hybrid modes)."""
+class PlainMode:
+    """Plain decoding as a :class:`~hybridfast.scheduler.Mode`: logits in, a sampled (or greedy)
+    token and its ``logp``/``logq`` out."""
 
-    def __init__(self, engine: Engine, cache: KVCache, eos: list[int], pad: int,
-                 temperature: float, top_k, generator):
-        self.e, self.m, self.cache = engine, engine.m, cache
-        self.eos = torch.tensor(eos or [-1], dtype=torch.int64, device=self.m.device)
-        self.pad, self.temperature, self.top_k = pad, temperature, top_k
-        self.rng = RandomStream(generator, self.m.device) if temperature != 0 else None
-        B = cache.lengths.shape[0]
-        self.done = torch.zeros(B, dtype=torch.bool, device=self.m.device)
-        self.n_gen = torch.zeros(B, dtype=torch.int64, device=self.m.device)
-        self.forwards = 0
+    def __init__(self, engine: Engine, temperature: float, top_k, generator, pad: int):
+        self.e, self.temperature, self.top_k, self.pad = engine, temperature, top_k, pad
+        self.rng = RandomStream(generator, engine.m.device) if temperature != 0 else None
 
-    def sample(self, logits):
-        seed = self.rng.next_seed() if self.rng is not None else None
-        return ops.sample_logprobs(logits, self.temperature, top_k=self.top_k, seed=seed,
-                                   check_nan=False)
+    def new_caches(self, rows, capacities):
+        return [self.e.new_cache(rows, capacities[0])]
 
-    def emit(self, tok, lp, lq):
-        """Mask finished rows, update EOS state; returns the tokens to record/feed."""
-        tok = torch.where(self.done, torch.full_like(tok, self.pad), tok)
-        lp = torch.where(self.done, torch.zeros_like(lp), lp)
-        lq = torch.where(self.done, torch.zeros_like(lq), lq)
-        self.n_gen += (~self.done).long()
-        self.done = self.done | torch.isin(tok, self.eos)
-        return tok, lp, lq
+    def prefill(self, prompts, caches):
+        ids, lengths = pad_prompts(prompts[0], self.pad, self.e.m.device)
+        logits, _ = self.e.prefill(ids, lengths, caches[0])
+        return (logits,)
 
-    def step_forward(self, tok, span):
-        """One decode step of the plain model: feed ``tok [B]``, return logits [B, V]."""
-        c = self.cache
-        self.forwards += tok.shape[0]
-        return self.e.step(tok, c.lengths, c.kv, c.scratch, self.e.span(c, span))
+    def choose(self, state):
+        tok, lp, lq = sample(state[0], self.temperature, self.top_k, self.rng)
+        return tok, dict(logp=lp, logq=lq)
 
-    def run(self, logits, max_new_tokens, max_prompt):
-        toks, lps, lqs = [], [], []
-        for t in range(max_new_tokens):
-            tok, lp, lq = self.emit(*self.sample(logits))
-            toks.append(tok), lps.append(lp), lqs.append(lq)
-            if t == max_new_tokens - 1:
-                break
-            if (t + 1) % self.e.sync_every == 0 and bool(self.done.all()):
-                break
-            span = self.cache.scratch + max_prompt + t + 1
-            logits = self.step_forward(tok, span)
-        return toks, lps, lqs
+    def step(self, tok, caches, spans):
+        c = caches[0]
+        return (self.e.step(tok, c.lengths, c.kv, c.scratch, self.e.span(c, spans[0])),)
 
-    def finish(self, toks, lps, lqs, total: Optional[int] = None) -> Generation:
-        T = total or len(toks)
-        B = self.done.shape[0]
-        tokens = torch.full((B, T), self.pad, dtype=torch.int64)
-        lp = torch.zeros(B, T)
-        lq = torch.zeros(B, T)
-        n = len(toks)
-        tokens[:, :n] = torch.stack(toks, 1).cpu()
-        lp[:, :n] = torch.stack(lps, 1).float().cpu()
-        lq[:, :n] = torch.stack(lqs, 1).float().cpu()
-        return Generation(tokens, self.n_gen.cpu(), lp, lq, steps=n)
+
+def sample(logits, temperature: float, top_k, rng: Optional[RandomStream]):
+    """``ops.sample_logprobs`` of ``logits`` with the next seed of ``rng`` (None: greedy)."""
+    seed = rng.next_seed() if rng is not None else None
+    return ops.sample_logprobs(logits, temperature, top_k=top_k, seed=seed, check_nan=False)

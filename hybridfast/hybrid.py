@@ -33,10 +33,12 @@ import torch
 from . import ops
 from .artifacts import as_sae, as_vectors
 from .compiled import compile_step
-from .engine import Decoder, Engine, _eos_ids, pad_id, pad_prompts
+from .engine import Engine, _eos_ids, pad_id, pad_prompts, sample
 from .model import KVCache
+from .ops.rng import RandomStream
+from .scheduler import Request, Scheduler
 
-__all__ = ["HybridModel", "HybridResult", "HybridOutput"]
+__all__ = ["HybridModel", "HybridResult", "HybridOutput", "RoutedMode", "PaperMode"]
 
 PAPER_COEFFICIENTS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
@@ -177,11 +179,13 @@ class HybridModel:
     @torch.inference_mode()
     def generate(self, base_prompts, thinking_prompts, max_new_tokens: int = 256, *,
                  eos_token_id=None, temperature: float = 0.0, top_k=None,
-                 generator: Optional[torch.Generator] = None, steer: bool = True) -> HybridOutput:
+                 generator: Optional[torch.Generator] = None, steer: bool = True,
+                 rows: Optional[int] = None) -> HybridOutput:
         """Generate for a batch of problems; prompts are strings (with tokenizers) or id lists.
 
         ``steer=False`` (routed mode) runs the same lockstep computation without the steering op:
-        the unsteered baseline that benchmarks compare against."""
+        the unsteered baseline that benchmarks compare against. ``rows=N`` decodes N problems at
+        a time with continuous batching (default: one row per problem)."""
         t0 = time.perf_counter()
         pb = self._encode(base_prompts, self.tok_b)
         pt = self._encode(thinking_prompts, self.tok_t)
@@ -194,67 +198,35 @@ class HybridModel:
             return paper_mode_recompute(self, pb, pt, max_new_tokens, eos_token_id=eos_token_id)
         if self.mode == "paper" and temperature != 0:
             raise ValueError("paper mode is greedy (temperature=0), as in the paper's code")
+        mode = PaperMode(self) if self.mode == "paper" else \
+            RoutedMode(self, temperature, top_k, generator, steer)
+        sched = self.scheduler(mode, rows or len(pb), max(map(len, pb)) + max_new_tokens,
+                               max(map(len, pt)) + max_new_tokens, eos_token_id,
+                               compact=rows is not None)
+        reqs = [Request((b, t), max_new_tokens, i) for i, (b, t) in enumerate(zip(pb, pt))]
+        done = {c.index: c for c in sched.run(reqs)}
+        results = [self._result(done[i]) for i in range(len(pb))]
+        return HybridOutput(results, time.perf_counter() - t0, sched.stats)
+
+    def scheduler(self, mode, rows: int, capacity_b: int, capacity_t: int,
+                  eos_token_id=None, compact: bool = True) -> Scheduler:
+        """A continuous-batching scheduler of ``mode`` (:class:`PaperMode` or :class:`RoutedMode`)
+        over ``rows`` rows; requests carry (base prompt, thinking prompt)."""
         eos = _eos_ids(self.base.hf, eos_token_id)
-        pad = pad_id(eos)
-        ids_b, len_b = pad_prompts(pb, pad, self.base.m.device)
-        ids_t, len_t = pad_prompts(pt, pad, self.thinking.m.device)
-        if self.mode == "paper":
-            res = self._paper(ids_b, len_b, ids_t, len_t, max_new_tokens, eos, pad)
-        else:
-            res = self._routed(ids_b, len_b, ids_t, len_t, max_new_tokens, eos, pad, temperature,
-                               top_k, generator, steer)
-        toks, cats, steered, coefs, n_gen = res
-        cat = torch.stack(cats, 1).cpu()
-        if (cat == -2).any():
-            b, t = (cat == -2).nonzero()[0].tolist()
+        return Scheduler(mode, rows=rows, capacities=[capacity_b, capacity_t], eos=eos,
+                         pad=pad_id(eos), sync_every=self.base.sync_every, compact=compact)
+
+    def _result(self, c) -> HybridResult:
+        cat = c.fields["category"]
+        if -2 in cat:
             raise ValueError(f"NaN in the thinking model's layer-{self.sae_layer} activations "
-                             f"(problem {b}, token {t})")
-        toks = torch.stack(toks, 1).cpu()
-        st = torch.stack(steered, 1).cpu()
-        cf = torch.stack(coefs, 1).cpu()
-        results = []
-        for b in range(toks.shape[0]):
-            n = int(n_gen[b])
-            ids = toks[b, :n].tolist()
-            text = self.tok_b.decode(ids, skip_special_tokens=True) if self.tok_b is not None else None
-            results.append(HybridResult(ids, text, cat[b, :n].tolist(), st[b, :n].tolist(),
-                                        cf[b, :n].tolist()))
-        return HybridOutput(results, time.perf_counter() - t0)
+                             f"(problem {c.index}, token {cat.index(-2)})")
+        text = self.tok_b.decode(c.tokens, skip_special_tokens=True) if self.tok_b is not None else None
+        return HybridResult(c.tokens, text, cat, [bool(x) for x in c.fields["steered"]],
+                            c.fields["coef"])
+
 
     # ------------------------------------------------------------------ paper mode
-    def _paper(self, ids_b, len_b, ids_t, len_t, T, eos, pad):
-        mb = self.base.m
-        B = ids_b.shape[0]
-        C = self.coefs.numel()
-        L, Ls = self.steer_layer, self.sae_layer
-        cb = self.base.new_cache(B, int(len_b.max()) + T, scratch=C)
-        ct = self.thinking.new_cache(B, int(len_t.max()) + T)
-        dev = mb.device
-        # prefill: base unsteered (keep h entering block L at the last position), thinking full
-        hcap = {}
-        logits_b = self._prefill_capture(self.base, ids_b, len_b, cb, L, hcap)
-        logits_t, x = self.thinking.prefill(ids_t, len_t, ct, capture_layer=Ls)
-        # candidates for the last prompt position: layers >= L, as C query rows
-        span = cb.scratch + ids_b.shape[1]
-        cand, cat = self.route(hcap["h"], x, True, validate=True)
-        hc = mb.run(cand, mb.candidate_plan(cb, len_b - 1, C, span), cb, L, mb.n_layers)
-        logits_c = mb.logits(hc)                                         # [B, C, V]
-        dec = Decoder(self.base, cb, eos, pad, 0.0, None, None)
-        out_t, out_c, out_s, out_k = [], [], [], []
-        max_b, max_t = ids_b.shape[1], ids_t.shape[1]
-        for t in range(T):
-            tok, steer, coef = self._choose(logits_b, logits_c, logits_t)
-            tok, _, _ = dec.emit(tok, torch.zeros(B, device=dev), torch.zeros(B, device=dev))
-            out_t.append(tok), out_c.append(cat), out_s.append(steer), out_k.append(coef)
-            if t == T - 1 or ((t + 1) % self.base.sync_every == 0 and bool(dec.done.all())):
-                break
-            logits_b, logits_c, logits_t, cat = self._paper_step(
-                tok, cb.lengths, cb.kv, ct.lengths, ct.kv, C,
-                self.base.span(cb, C + max_b + t + 1), self.thinking.span(ct, max_t + t + 1))
-            dec.forwards += B
-        steered = [s & (c >= 0) for s, c in zip(out_s, out_c)]
-        return out_t, out_c, steered, out_k, dec.n_gen.cpu()
-
     def _paper_step_eager(self, tok, len_b, kv_b, len_t, kv_t, scratch: int, span_b: int,
                           span_t: int):
         """One paper-mode decode step (the function ``compile=`` compiles): the thinking model's
@@ -280,15 +252,6 @@ class HybridModel:
         lg = mb.logits(rows)
         return lg[:, 0], lg[:, 1:], logits_t, cat
 
-    def _prefill_capture(self, eng, ids, lengths, cache, L, hcap):
-        """Base prefill (unsteered) that also returns the residual entering block L at the last
-        prompt position (for the first step's candidates)."""
-        def grab(hl):
-            hcap["h"] = hl[:, 0].clone()
-            return hl
-        logits, _ = eng.prefill(ids, lengths, cache, steer_layer=L, steer=grab)
-        return logits
-
     def _choose(self, logits_b, logits_c, logits_t):
         think_tok = logits_t.argmax(-1)
         base_tok = logits_b.argmax(-1)
@@ -303,36 +266,6 @@ class HybridModel:
         return tok, steer, coef
 
     # ------------------------------------------------------------------ routed mode
-    def _routed(self, ids_b, len_b, ids_t, len_t, T, eos, pad, temperature, top_k, generator,
-                do_steer=True):
-        B = ids_b.shape[0]
-        L, Ls = self.steer_layer, self.sae_layer
-        cb = self.base.new_cache(B, int(len_b.max()) + T)
-        ct = self.thinking.new_cache(B, int(len_t.max()) + T, layers=Ls + 1)
-        _, x = self.thinking.prefill(ids_t, len_t, ct, stop_layer=Ls + 1, capture_layer=Ls)
-        rec = {}
-
-        def steer(hl):
-            out, rec["cat"] = self._route_or_not(hl[:, 0], x, do_steer, validate=True)
-            return out[:, None]
-        logits, _ = self.base.prefill(ids_b, len_b, cb, steer_layer=L, steer=steer)
-        dec = Decoder(self.base, cb, eos, pad, temperature, top_k, generator)
-        out_t, out_c = [], []
-        max_b, max_t = ids_b.shape[1], ids_t.shape[1]
-        for t in range(T):
-            tok, lp, lq = dec.emit(*dec.sample(logits))
-            out_t.append(tok), out_c.append(rec["cat"])
-            if t == T - 1 or ((t + 1) % self.base.sync_every == 0 and bool(dec.done.all())):
-                break
-            logits, rec["cat"] = self._routed_step(
-                tok, cb.lengths, cb.kv, ct.lengths, ct.kv, self.base.span(cb, max_b + t + 1),
-                self.thinking.span(ct, max_t + t + 1), do_steer)
-            dec.forwards += B
-        steered = [c >= 0 for c in out_c]
-        coefs = [torch.where(c >= 0, self.coefs[c.clamp_min(0)], torch.zeros_like(self.coefs[c.clamp_min(0)]))
-                 for c in out_c]
-        return out_t, out_c, steered, coefs, dec.n_gen.cpu()
-
     def _route_or_not(self, h, x, do_steer: bool, validate: bool = False):
         if do_steer:
             return self.route(h, x, False, validate)
@@ -361,3 +294,93 @@ class HybridModel:
         len_t.add_(1)
         len_b.add_(1)
         return out
+
+
+class RoutedMode:
+    """Routed hybrid decoding as a :class:`~hybridfast.scheduler.Mode`: caches (base, truncated
+    thinking router); state ``(logits [R, V], category [R])``."""
+
+    def __init__(self, hm: HybridModel, temperature: float, top_k, generator, do_steer: bool = True):
+        self.hm, self.temperature, self.top_k, self.do_steer = hm, temperature, top_k, do_steer
+        self.rng = RandomStream(generator, hm.base.m.device) if temperature != 0 else None
+
+    def new_caches(self, rows, capacities):
+        hm = self.hm
+        return [hm.base.new_cache(rows, capacities[0]),
+                hm.thinking.new_cache(rows, capacities[1], layers=hm.sae_layer + 1)]
+
+    def prefill(self, prompts, caches):
+        hm = self.hm
+        cb, ct = caches
+        pad = 0
+        ids_t, len_t = pad_prompts(prompts[1], pad, hm.thinking.m.device)
+        _, x = hm.thinking.prefill(ids_t, len_t, ct, stop_layer=hm.sae_layer + 1,
+                                   capture_layer=hm.sae_layer)
+        rec = {}
+
+        def steer(hl):
+            out, rec["cat"] = hm._route_or_not(hl[:, 0], x, self.do_steer, validate=True)
+            return out[:, None]
+        ids_b, len_b = pad_prompts(prompts[0], pad, hm.base.m.device)
+        logits, _ = hm.base.prefill(ids_b, len_b, cb, steer_layer=hm.steer_layer, steer=steer)
+        return logits, rec["cat"]
+
+    def choose(self, state):
+        logits, cat = state
+        tok, _, _ = sample(logits, self.temperature, self.top_k, self.rng)
+        coef = self.hm.coefs[cat.clamp_min(0)]
+        return tok, dict(category=cat, steered=cat >= 0,
+                         coef=torch.where(cat >= 0, coef, torch.zeros_like(coef)))
+
+    def step(self, tok, caches, spans):
+        hm = self.hm
+        cb, ct = caches
+        return hm._routed_step(tok, cb.lengths, cb.kv, ct.lengths, ct.kv, hm.base.span(cb, spans[0]),
+                               hm.thinking.span(ct, spans[1]), self.do_steer)
+
+
+class PaperMode:
+    """Paper-mode hybrid decoding as a :class:`~hybridfast.scheduler.Mode` (greedy): caches (base
+    with one scratch slot per coefficient, full thinking model); state ``(logits_b [R, V],
+    logits_c [R, C, V], logits_t [R, V], category [R])``."""
+
+    def __init__(self, hm: HybridModel):
+        self.hm = hm
+        self.C = hm.coefs.numel()
+
+    def new_caches(self, rows, capacities):
+        hm = self.hm
+        return [hm.base.new_cache(rows, capacities[0], scratch=self.C),
+                hm.thinking.new_cache(rows, capacities[1])]
+
+    def prefill(self, prompts, caches):
+        """Base prefill unsteered (keeping the residual entering ``steer_layer`` at the last
+        prompt position), thinking prefill in full, then the first step's candidates: the
+        layers from ``steer_layer`` up as one query row per coefficient."""
+        hm = self.hm
+        mb = hm.base.m
+        cb, ct = caches
+        ids_b, len_b = pad_prompts(prompts[0], 0, mb.device)
+        ids_t, len_t = pad_prompts(prompts[1], 0, hm.thinking.m.device)
+        hcap = {}
+
+        def grab(hl):
+            hcap["h"] = hl[:, 0].clone()
+            return hl
+        logits_b, _ = hm.base.prefill(ids_b, len_b, cb, steer_layer=hm.steer_layer, steer=grab)
+        logits_t, x = hm.thinking.prefill(ids_t, len_t, ct, capture_layer=hm.sae_layer)
+        cand, cat = hm.route(hcap["h"], x, True, validate=True)
+        plan = mb.candidate_plan(cb, len_b - 1, self.C, cb.scratch + ids_b.shape[1])
+        logits_c = mb.logits(mb.run(cand, plan, cb, hm.steer_layer, mb.n_layers))
+        return logits_b, logits_c, logits_t, cat
+
+    def choose(self, state):
+        logits_b, logits_c, logits_t, cat = state
+        tok, steer, coef = self.hm._choose(logits_b, logits_c, logits_t)
+        return tok, dict(category=cat, steered=steer & (cat >= 0), coef=coef)
+
+    def step(self, tok, caches, spans):
+        hm = self.hm
+        cb, ct = caches
+        return hm._paper_step(tok, cb.lengths, cb.kv, ct.lengths, ct.kv, self.C,
+                              hm.base.span(cb, spans[0]), hm.thinking.span(ct, spans[1]))

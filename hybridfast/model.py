@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DecoderModel", "KVCache", "StepPlan", "rotate", "ATTENTION"]
+__all__ = ["DecoderModel", "KVCache", "StepPlan", "rotate", "attention_partial", "merge_partials",
+           "ATTENTION"]
 
 ATTENTION = ("sdpa", "flex")
 
@@ -49,6 +50,14 @@ class KVCache:
         """A new cache holding the given rows (copies; used for resampling and chains)."""
         return KVCache([t.index_select(0, rows) for t in self.kv],
                        self.lengths.index_select(0, rows), self.scratch)
+
+    def write_rows_(self, rows: torch.Tensor, other: "KVCache") -> None:
+        """In place: rows ``rows`` become ``other``'s rows (a cache with as many rows and at most
+        this one's slots), KV and lengths; slots past ``other``'s are left as they are."""
+        n = other.kv[0].shape[2]
+        for t, o in zip(self.kv, other.kv):
+            t[:, :, :n].index_copy_(0, rows, o)
+        self.lengths.index_copy_(0, rows, other.lengths)
 
     def copy_rows_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """In place: rows ``dst`` become copies of rows ``src`` (KV and lengths)."""
@@ -103,6 +112,34 @@ def rotate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
     else:
         torch.add(x * plan.cos, swapped * plan.sin, out=heads)
     return y[:, :, n: n + 2 * Hq].view(B, R, Hq, hd), y[:, :, n + 2 * Hq:].view(B, R, 2 * Hkv, hd)
+
+
+def attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float):
+    """Softmax attention of ``q [B, R, Hq, hd]`` over one part of the keys, ``k``/``v``
+    ``[B, H_kv, S, hd]`` (query head ``h`` reads key head ``h // (Hq / H_kv)``), under the additive
+    ``mask [B, R or 1, S]`` (0 / -inf; every query must see at least one slot). Returns the output
+    normalised over this part, ``[B, R, Hq, hd]``, and the log-sum-exp of its scaled scores,
+    ``[B, R, Hq]`` (at least float32): what :func:`merge_partials` needs to combine parts."""
+    B, R, Hq, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qh = q.reshape(B, R, Hkv, g, hd).permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * g, hd)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(qh, k.transpose(-1, -2)).to(acc).view(B, Hkv, R, g, S) * scale
+    s = s + mask[:, None, :, None, :]
+    lse = torch.logsumexp(s, -1)
+    w = torch.exp(s - lse[..., None]).to(v.dtype).view(B, Hkv, R * g, S)
+    o = torch.matmul(w, v).view(B, Hkv, R, g, hd).permute(0, 2, 1, 3, 4).reshape(B, R, Hq, hd)
+    return o, lse.permute(0, 2, 1, 3).reshape(B, R, Hq)
+
+
+def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
+    """Attention over the union of two disjoint key sets from :func:`attention_partial` over each
+    (the softmax over the union, regrouped: ``o = sum_i o_i exp(lse_i - lse)``)."""
+    lse = torch.logaddexp(lse1, lse2)
+    o = o1.to(lse.dtype) * (lse1 - lse).exp()[..., None] + o2.to(lse.dtype) * (lse2 - lse).exp()[..., None]
+    return o.to(o1.dtype)
 
 
 class DecoderModel:
@@ -205,6 +242,31 @@ class DecoderModel:
                                                enable_gqa=self.n_kv != self.n_heads)
         o = o.transpose(1, 2).reshape(*h.shape[:2], -1)
         h = h + layer.self_attn.o_proj(o)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def shared_prefix_block(self, i: int, h: torch.Tensor, plan: StepPlan, suffix: KVCache,
+                            prefix: KVCache, prefix_mask: torch.Tensor):
+        """Decoder block ``i`` for rows that continue a shared prefix (cascade attention).
+
+        ``h [N * R, 1, d]``: one query for each of ``R`` rows per row of ``prefix``, row ``n * R + r``
+        continuing prefix row ``n``. Their K/V are written to their own rows of ``suffix`` as
+        ``plan`` says; each query attends over its prefix row's slots where ``prefix_mask [N, 1,
+        span]`` is 0 and over its own suffix slots per ``plan.mask``, as two softmax partials merged
+        by log-sum-exp. The ``R`` rows read one copy of the prefix instead of a copy each.
+        """
+        layer = self.layers[i]
+        q, kv = self._qkv(layer, layer.input_layernorm(h), plan)
+        c = suffix.kv[i]
+        c[plan.rows, :, plan.slots] = kv
+        n = self.n_kv
+        o_s, lse_s = attention_partial(q, c[:, :n, : plan.span], c[:, n:, : plan.span], plan.mask[:, 0],
+                                       self.scaling)
+        N, span = prefix_mask.shape[0], prefix_mask.shape[-1]
+        p = prefix.kv[i]
+        o_p, lse_p = attention_partial(q.reshape(N, -1, *q.shape[2:]), p[:, :n, :span], p[:, n:, :span],
+                                       prefix_mask, self.scaling)
+        o = merge_partials(o_p.reshape(q.shape), lse_p.reshape(lse_s.shape), o_s, lse_s)
+        h = h + layer.self_attn.o_proj(o.reshape(*h.shape[:2], -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def run(self, h: torch.Tensor, plan: StepPlan, cache: KVCache, start: int, stop: int):
