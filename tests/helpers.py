@@ -1,4 +1,7 @@
-"""Shared fixtures-as-functions for the engine tests (tiny random models, SAE, vectors)."""
+"""Shared fixtures-as-functions for the engine tests (tiny random models, SAE, vectors, a model
+whose power distribution can be enumerated)."""
+import itertools
+
 import torch
 
 from hybridfast.tiny import tiny_model
@@ -55,3 +58,70 @@ def forbid_model_loading(monkeypatch):
     import pytest
     import hybridfast.eval as ev
     monkeypatch.setattr(ev, "_models", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+# A 4-token vocabulary model whose answers (at most T tokens after ENUM_PROMPT) can be enumerated.
+ENUM_EOS = 3
+ENUM_PROMPT = [0, 1]
+
+
+def enum_model():
+    return tiny_model("qwen2", seed=5, vocab_size=4, bos_token_id=0, eos_token_id=ENUM_EOS,
+                      pad_token_id=0, initializer_range=0.1)
+
+
+def complete_sequences(T: int, vocab: int = 4):
+    """Every complete generation: ends with EOS, or reaches T tokens."""
+    out = []
+    for n in range(1, T + 1):
+        for s in itertools.product(range(vocab), repeat=n):
+            if ENUM_EOS in s[:-1]:
+                continue
+            if n < T and s[-1] != ENUM_EOS:
+                continue
+            out.append(s)
+    return out
+
+
+@torch.no_grad()
+def exact_power(model, alpha: float, T: int):
+    """Every complete generation of at most ``T`` tokens after ``ENUM_PROMPT`` and its probability
+    under p^alpha."""
+    seqs = complete_sequences(T)
+    logp = []
+    for s in seqs:
+        ids = torch.tensor([ENUM_PROMPT + list(s)])
+        lp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        logp.append(sum(float(lp[len(ENUM_PROMPT) - 1 + i, t]) for i, t in enumerate(s)))
+    w = torch.tensor(logp, dtype=torch.float64) * alpha
+    return seqs, torch.softmax(w, 0)
+
+
+def chi2_pvalue(samples, seqs, probs):
+    """Chi-square p-value of the sample frequencies against ``probs`` over ``seqs`` (cells expecting
+    fewer than 5 samples pooled), and the frequencies."""
+    from scipy.stats import chisquare
+    index = {s: i for i, s in enumerate(seqs)}
+    counts = torch.zeros(len(seqs), dtype=torch.float64)
+    for s in samples:
+        counts[index[tuple(s)]] += 1
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= 5
+    obs, ex = counts[big], exp[big]
+    if not big.all():
+        obs, ex = torch.cat([obs, counts[~big].sum()[None]]), torch.cat([ex, exp[~big].sum()[None]])
+    return chisquare(obs.numpy(), ex.numpy()).pvalue, counts / n
+
+
+def steering_artifacts(folder, *, sae_layer=3, steer_layer=2, K=3, vectors_K=None, threshold=None,
+               sae_model="tiny-thinking", vectors_model="tiny-base", d=64):
+    """An SAE and a vectors folder for the tiny pair (hidden size 64, 4 blocks)."""
+    from hybridfast.artifacts import SAEParams, SteeringVectors
+    from hybridfast.io import save_sae, save_vectors
+    g = torch.Generator().manual_seed(0)
+    sae = SAEParams(torch.randn(d, K, generator=g), torch.zeros(K), torch.zeros(d))
+    vec = SteeringVectors(torch.randn(vectors_K or K, d, generator=g), torch.randn(d, generator=g))
+    save_sae(folder / "sae", sae, layer=sae_layer, model_id=sae_model)
+    save_vectors(folder / "vec", vec, steer_layer=steer_layer, model_id=vectors_model, threshold=threshold)
+    return str(folder / "sae"), str(folder / "vec")

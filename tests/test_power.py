@@ -1,67 +1,20 @@
 """Power sampling: exactness against p^alpha by enumeration, reuse == recompute, counts."""
-import itertools
-import math
-
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from hybridfast.power import PowerSampler, expected_mh_token_forwards
 from hybridfast.tiny import tiny_model
 
-EOS = 3
-PROMPT = [0, 1]
+from .helpers import ENUM_EOS as EOS, ENUM_PROMPT as PROMPT, chi2_pvalue, enum_model, exact_power
+
 T = 3
 ALPHA = 2.0
-
-
-def enum_model():
-    return tiny_model("qwen2", seed=5, vocab_size=4, bos_token_id=0, eos_token_id=EOS,
-                      pad_token_id=0, initializer_range=0.1)
-
-
-def complete_sequences(vocab=4, T=T):
-    """Every complete generation: ends with EOS, or reaches T tokens."""
-    out = []
-    for n in range(1, T + 1):
-        for s in itertools.product(range(vocab), repeat=n):
-            if EOS in s[:-1]:
-                continue
-            if n < T and s[-1] != EOS:
-                continue
-            out.append(s)
-    return out
-
-
-@torch.no_grad()
-def exact_power(model, alpha=ALPHA):
-    seqs = complete_sequences()
-    logp = []
-    for s in seqs:
-        ids = torch.tensor([PROMPT + list(s)])
-        lp = torch.log_softmax(model(ids).logits[0].double(), -1)
-        logp.append(sum(float(lp[len(PROMPT) - 1 + i, t]) for i, t in enumerate(s)))
-    w = torch.tensor(logp, dtype=torch.float64) * alpha
-    return seqs, torch.softmax(w, 0)
-
-
-def chi2_pvalue(samples, seqs, probs):
-    index = {s: i for i, s in enumerate(seqs)}
-    counts = torch.zeros(len(seqs), dtype=torch.float64)
-    for s in samples:
-        counts[index[tuple(s)]] += 1
-    n = counts.sum()
-    exp = probs * n
-    big = exp >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    ex = torch.cat([exp[big], exp[~big].sum()[None]])
-    return chisquare(obs.numpy(), ex.numpy()).pvalue, counts / n
 
 
 @pytest.fixture(scope="module")
 def target():
     m = enum_model()
-    seqs, probs = exact_power(m)
+    seqs, probs = exact_power(m, ALPHA, T)
     assert probs.max() < 0.5 and (probs > 0.01).sum() >= 8, "target must be spread enough to test"
     return m, seqs, probs
 
