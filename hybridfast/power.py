@@ -27,6 +27,11 @@ proposal, incremental log-weights ``alpha * lp - lq``, multinomial resampling (K
 index) when the effective sample size falls below ``ess_threshold * n_particles``, optional
 linear ramp of alpha over the first ``alpha_ramp`` tokens. Returns one particle per prompt drawn
 from the final weights, plus the weights.
+
+``method="scalable"`` — scalable power sampling (approximate; :mod:`hybridfast.scalable`): each
+token (``variant="token"``) or block (``variant="block"``) is drawn from ``n_candidates``
+candidates weighted by ``p^alpha`` times a future factor estimated with ``n_rollouts`` rollouts of
+up to ``horizon`` tokens, with an optional jackknife bias correction.
 """
 from __future__ import annotations
 
@@ -37,13 +42,15 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import ops, scalable
 from .compiled import bucketed, compile_options, compile_step, new_cache
 from .engine import DecoderModel, _eos_ids, pad_id, pad_prompts
 from .model import KVCache
 from .ops.rng import RandomStream
 
-__all__ = ["PowerSampler", "PowerResult", "expected_mh_token_forwards"]
+__all__ = ["PowerSampler", "PowerResult", "expected_mh_token_forwards", "METHODS"]
+
+METHODS = ("mh", "smc", "scalable")
 
 
 @dataclass
@@ -81,17 +88,20 @@ def expected_mh_token_forwards(max_new_tokens: int, block_size: int, n_mcmc: int
 
 
 class PowerSampler:
-    """Sample from p^alpha with block-wise MH (exact) or Power-SMC. See the module docstring."""
+    """Sample from p^alpha with block-wise MH (exact), Power-SMC, or scalable power sampling
+    (approximate). See the module docstring."""
 
     def __init__(self, model, *, alpha: float = 4.0, block_size: int = 192, n_mcmc: int = 10,
                  max_new_tokens: int = 3072, top_k: Optional[int] = None, method: str = "mh",
                  reuse: bool = True, reject: str = "keep", official: bool = False,
                  n_particles: int = 16,
-                 ess_threshold: float = 0.5, alpha_ramp: int = 0, tokenizer=None,
+                 ess_threshold: float = 0.5, alpha_ramp: int = 0, variant: str = "token",
+                 n_candidates: int = 8, n_rollouts: int = 8, horizon: int = 192, n_proposals: int = 32,
+                 jackknife: bool = True, prefix_kv: str = "shared", tokenizer=None,
                  eos_token_id=None, steer=None, sync_every: int = 16, compile=False,
                  attention: str = "sdpa"):
-        if method not in ("mh", "smc"):
-            raise ValueError(f"method must be 'mh' or 'smc', got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not alpha >= 1.0:
             raise ValueError(f"alpha must be >= 1 (p^alpha sharpens p), got {alpha}")
         if block_size < 1 or max_new_tokens < 1 or n_mcmc < 0:
@@ -105,7 +115,7 @@ class PowerSampler:
                                  "inside every forward pass of the sampled model)")
             if steer.base.hf is not model:
                 raise ValueError("steer=: the HybridModel's base model must be the sampled model")
-            if method == "smc":
+            if method != "mh":
                 raise NotImplementedError("steer= is supported with method='mh' only")
         self.steer = steer
         if reject not in ("keep", "reprefill"):
@@ -121,6 +131,16 @@ class PowerSampler:
         self.top_k = (50 if official else None) if top_k is None else int(top_k)
         self.reuse = bool(reuse)
         self.n_particles, self.ess_threshold, self.alpha_ramp = int(n_particles), float(ess_threshold), int(alpha_ramp)
+        if method == "scalable":
+            scalable.check_settings(variant=variant, n_candidates=n_candidates, n_rollouts=n_rollouts,
+                                    horizon=horizon, n_proposals=n_proposals, jackknife=jackknife,
+                                    prefix_kv=prefix_kv, vocab_size=self.m.vocab_size)
+            if compile or official or top_k is not None:
+                raise NotImplementedError("method='scalable' takes no compile=, official= or top_k= (its "
+                                          "candidates, proposals and rollouts use the full vocabulary)")
+        self.variant, self.n_candidates, self.n_rollouts = variant, int(n_candidates), int(n_rollouts)
+        self.horizon, self.n_proposals, self.jackknife = int(horizon), int(n_proposals), bool(jackknife)
+        self.prefix_kv = prefix_kv
         self.tokenizer = tokenizer
         self.eos = _eos_ids(model, eos_token_id)
         self.sync_every = sync_every
@@ -142,11 +162,15 @@ class PowerSampler:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         return out
 
+    def text(self, ids: list) -> Optional[str]:
+        """The decoded text of generated ``ids`` (None without a tokenizer)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
+
     def _sample(self, logits, temperature, rng):
         return ops.sample_logprobs(logits, temperature, top_k=self.top_k, seed=rng.next_seed(),
                                    check_nan=False)
 
-    def _prefill(self, cache, tokens, n_tokens, st=None, tcache=None):
+    def prefill(self, cache, tokens, n_tokens, st=None, tcache=None):
         """Encode ``tokens[b, :n_tokens[b]]`` into ``cache`` from slot 0 (one parallel pass) and
         return the logits at each row's last position. With ``steer=`` the thinking model encodes
         its own prompt plus the same generated tokens (``st["tt"]``) up to ``sae_layer``, and every
@@ -273,6 +297,8 @@ class PowerSampler:
                     raise ValueError(f"thinking prompt {i} is empty")
             tp = [tp[i] for i in rows]
         rng = RandomStream(generator, self.m.device)
+        if self.method == "scalable":
+            return scalable.sample(self, [pr[i] for i in rows], rows, rng)
         if self.method == "smc":
             return self._smc([pr[i] for i in rows], rows, rng)
         return self._mh([pr[i] for i in rows], rows, rng, tp)
@@ -320,7 +346,7 @@ class PowerSampler:
             if self.reuse and k > 0:
                 L, f = self._decode(cur, cache, L, cap, cap - prev_cap, rng, tcache=tcache)
             else:  # first block (prompt prefill), or recompute: encode prompt + prefix
-                first = self._prefill(cache, cur["tokens"], P + L, cur, tcache)
+                first = self.prefill(cache, cur["tokens"], P + L, cur, tcache)
                 fw += torch.where(live, P + L, 0).sum()
                 L, f = self._decode(cur, cache, L, cap, cap - prev_cap, rng, first_logits=first,
                                     tcache=tcache)
@@ -346,7 +372,7 @@ class PowerSampler:
                     # re-feeds the token before m (its logits predict position m)
                     Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, rng, tcache=tpcache)
                 else:
-                    first = self._prefill(pcache, prop["tokens"], P + mi, prop, tpcache)
+                    first = self.prefill(pcache, prop["tokens"], P + mi, prop, tpcache)
                     fw += torch.where(live, P + mi, 0).sum()
                     Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, rng, first_logits=first,
                                          tcache=tpcache)
@@ -392,8 +418,7 @@ class PowerSampler:
         for b in range(N):
             n = int(Lc[b])
             gen_ids = toks[b, int(P[b]): int(P[b]) + n].tolist()
-            text = self.tokenizer.decode(gen_ids, skip_special_tokens=True) if self.tokenizer else None
-            out.append(PowerResult(prompt_index[b], gen_ids, text, lp[b, :n].tolist(), lq[b, :n].tolist(),
+            out.append(PowerResult(prompt_index[b], gen_ids, self.text(gen_ids), lp[b, :n].tolist(), lq[b, :n].tolist(),
                                    dict(acceptance_rate=float(n_acc[b]) / max(1, int(n_prop[b])),
                                         proposals=int(n_prop[b]))))
         stats = dict(decoded_tokens=int(decoded), token_forwards=int(fw), seconds=dt, chains=N,
@@ -424,7 +449,7 @@ class PowerSampler:
         eos = torch.tensor(self.eos or [-1], device=dev)
         rows = torch.arange(N, device=dev)
         cache = new_cache(m, N, width, self.compile_options)
-        logits = self._prefill(cache, tokens, P)
+        logits = self.prefill(cache, tokens, P)
         fw = int(P.sum())
         n_resample = 0
         a_prev = None
@@ -476,8 +501,7 @@ class PowerSampler:
             r = int(sel[g])
             n = int(Lc[r])
             gen_ids = toks[r, int(P[r]): int(P[r]) + n].tolist()
-            text = self.tokenizer.decode(gen_ids, skip_special_tokens=True) if self.tokenizer else None
-            out.append(PowerResult(prompt_index[g], gen_ids, text, lpb[r, :n].tolist(), lqb[r, :n].tolist(),
+            out.append(PowerResult(prompt_index[g], gen_ids, self.text(gen_ids), lpb[r, :n].tolist(), lqb[r, :n].tolist(),
                                    dict(weights=norm_w[g].cpu().tolist(), selected=int(pick[g]),
                                         particle_ids=[toks[g * Np + i, int(P[r]): int(P[r]) + int(Lc[g * Np + i])].tolist()
                                                    for i in range(Np)],
