@@ -75,11 +75,15 @@ __all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "metho
 # base model, "thinking" (the thinking model's own chat template) for the thinking model
 _PROMPTS = {"base": ("base",), "thinking": ("thinking",), "low-temp": ("power",),
             "hybrid-paper": ("base", "thinking"), "hybrid-routed": ("base", "thinking"),
-            "power-mh": ("power",), "power-smc": ("power",), "power-hybrid": ("power", "thinking")}
+            "power-mh": ("power",), "power-smc": ("power",), "power-scalable": ("power",),
+            "power-hybrid": ("power", "thinking")}
 METHODS = tuple(_PROMPTS)
 STEERED_METHODS = ("hybrid-paper", "hybrid-routed", "power-hybrid")   # need --sae and --vectors
 # the power methods' defaults (the block size defaults to max(1, max_new_tokens // 4))
 ALPHA, N_MCMC, N_PARTICLES = 4.0, 2, 8
+# power-scalable's flags and the PowerSampler settings they set (unset ones keep PowerSampler's defaults)
+SCALABLE_FLAGS = {"--variant": "variant", "--n-candidates": "n_candidates", "--n-rollouts": "n_rollouts",
+                  "--horizon": "horizon", "--n-proposals": "n_proposals", "--no-jackknife": "jackknife"}
 
 
 def _uses_thinking(method: str) -> bool:
@@ -197,10 +201,12 @@ def _call_params(fn, explicit: dict, supplied: tuple) -> dict:
 
 def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int | None = None,
                   steer_layer: int | None = None, routing: dict | None = None, alpha: float = ALPHA,
-                  block_size: int | None = None, n_mcmc: int = N_MCMC, n_particles: int = N_PARTICLES) -> dict:
+                  block_size: int | None = None, n_mcmc: int = N_MCMC, n_particles: int = N_PARTICLES,
+                  scalable: dict | None = None) -> dict:
     """Every parameter that decides ``method``'s answers, grouped by the call that takes it
     (``engine``, ``generate``, ``hybrid``, ``power``, ``sample``), plus the ``seed``. ``routing``:
-    the coefficients / threshold the vectors record, used by the routed methods."""
+    the coefficients / threshold the vectors record, used by the routed methods; ``scalable``:
+    the power-scalable settings given (``SCALABLE_FLAGS``' values)."""
     from .engine import Engine
     from .hybrid import HybridModel
     from .power import PowerSampler
@@ -226,6 +232,8 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
             power["method"] = method.split("-", 1)[1]
         if method == "power-smc":
             power["n_particles"] = n_particles
+        if method == "power-scalable":
+            power.update(scalable or {})
         p["power"] = _call_params(PowerSampler.__init__, power, ("model", "tokenizer", "eos_token_id", "steer"))
         p["sample"] = _call_params(PowerSampler.sample, {}, ("prompts", "generator", "thinking_prompts"))
     return p
@@ -416,7 +424,7 @@ def _template_ok(template: str) -> bool:
 
 def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_tokens, sae_layer, steer_layer,
                    base_template, model, thinking, sae_dir, vectors_dir, dtype="auto", alpha=ALPHA,
-                   block_size=None, n_mcmc=N_MCMC, n_particles=N_PARTICLES) -> None:
+                   block_size=None, n_mcmc=N_MCMC, n_particles=N_PARTICLES, scalable=None) -> None:
     """Every setting in range and every input a method needs present, else a :class:`UserError`
     naming the flag."""
     if method not in METHODS:
@@ -425,9 +433,13 @@ def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_t
                                ("--workers", workers, 1), ("--max-new-tokens", max_new_tokens, 1),
                                ("--sae-layer", sae_layer, 0), ("--steer-layer", steer_layer, 0),
                                ("--alpha", alpha, 1), ("--block-size", block_size, 1), ("--n-mcmc", n_mcmc, 0),
-                               ("--n-particles", n_particles, 1)):
+                               ("--n-particles", n_particles, 1),
+                               *((flag, (scalable or {}).get(key), 1) for flag, key in SCALABLE_FLAGS.items()
+                                 if key not in ("variant", "jackknife"))):
         if value is not None and value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}")
+    if method == "power-scalable":
+        _check_scalable(scalable or {})
     dtype_name(dtype, model)          # an unknown --dtype is a UserError
     if model == "tiny" and thinking is not None:
         raise UserError("--model tiny is the bundled pair (base and thinking): drop --thinking")
@@ -437,6 +449,18 @@ def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_t
         raise UserError(f"--method {method} needs --thinking (the thinking model's path or hub id)")
     if method in STEERED_METHODS and (sae_dir is None or vectors_dir is None):
         raise UserError(f"--method {method} needs --sae and --vectors")
+
+
+def _check_scalable(given: dict) -> None:
+    """power-scalable's settings (``given``, PowerSampler's defaults for the rest) agree with each other,
+    else a :class:`UserError` (e.g. the jackknife with one rollout)."""
+    from .power import PowerSampler
+    from .scalable import check_settings
+    s = _call_params(PowerSampler.__init__, given, ())
+    try:
+        check_settings(**{k: s[k] for k in (*SCALABLE_FLAGS.values(), "prefix_kv")}, vocab_size=None)
+    except ValueError as e:
+        raise UserError(f"--method power-scalable: {e}") from None
 
 
 def _reason(e: Exception) -> str:
@@ -542,7 +566,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
              limit=None, offset=0, out="runs/eval", model="tiny", thinking=None, seed=0, max_new_tokens=64,
              batch_size=4, sae_dir=None, vectors_dir=None, sae_layer=None, steer_layer=None,
              override_artifact_settings=False, dtype="auto", alpha=ALPHA, block_size=None, n_mcmc=N_MCMC,
-             n_particles=N_PARTICLES, use_ray=False, workers=2, progress=True) -> dict:
+             n_particles=N_PARTICLES, scalable=None, use_ray=False, workers=2, progress=True) -> dict:
     """Evaluate ``method`` on problems ``offset .. offset + limit``, appending to
     ``out/results.jsonl`` and continuing an identical earlier run (module doc: the resume rule).
     ``sae_layer``/``steer_layer`` None: the artifacts' layers. Every user error is a
@@ -552,7 +576,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
                    max_new_tokens=max_new_tokens, sae_layer=sae_layer, steer_layer=steer_layer,
                    base_template=base_template, model=model, thinking=thinking, sae_dir=sae_dir,
                    vectors_dir=vectors_dir, dtype=dtype, alpha=alpha, block_size=block_size, n_mcmc=n_mcmc,
-                   n_particles=n_particles)
+                   n_particles=n_particles, scalable=scalable)
     source, problems = _problems(dataset, split, path, hf, limit, offset)
     thinking = ("tiny" if model == "tiny" else thinking) if _uses_thinking(method) else None
     steering = _steering(method, model, thinking, sae_dir, vectors_dir, sae_layer, steer_layer,
@@ -560,7 +584,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
     params = method_params(method, max_new_tokens=max_new_tokens, seed=seed,
                            sae_layer=steering and steering.sae_layer, steer_layer=steering and steering.steer_layer,
                            routing=_routing(steering), alpha=alpha, block_size=block_size, n_mcmc=n_mcmc,
-                           n_particles=n_particles)
+                           n_particles=n_particles, scalable=scalable)
     spec = MethodSpec(method, model, thinking, params, steering and sae_dir, steering and vectors_dir,
                       base_template, dtype)
     run = RunIdentity(run_config(spec, steering), source.record())
@@ -623,6 +647,17 @@ def _eval_parser() -> ArgumentParser:
                     help="power MH methods: Metropolis-Hastings steps per block (>= 0; default: %(default)s)")
     ap.add_argument("--n-particles", type=int, default=N_PARTICLES,
                     help="power-smc: particles per problem (>= 1; default: %(default)s)")
+    ap.add_argument("--variant", choices=["token", "block"],
+                    help="power-scalable: one token per decision, or blocks of --block-size (default: token)")
+    ap.add_argument("--n-candidates", type=int,
+                    help="power-scalable: candidates K per decision (>= 1; default: 8)")
+    ap.add_argument("--n-rollouts", type=int,
+                    help="power-scalable: rollouts M per candidate (>= 1, >= 2 with the jackknife; default: 8)")
+    ap.add_argument("--horizon", type=int, help="power-scalable: rollout tokens H at most (>= 1; default: 192)")
+    ap.add_argument("--n-proposals", type=int,
+                    help="power-scalable --variant block: proposed blocks L per decision (>= K; default: 32)")
+    ap.add_argument("--no-jackknife", dest="jackknife", action="store_const", const=False,
+                    help="power-scalable: no jackknife bias correction")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("--ray", action="store_true", help="shard problems across Ray workers")
     ap.add_argument("--workers", type=int, default=2, help="Ray workers with --ray (default: %(default)s)")
@@ -641,7 +676,8 @@ def main(argv=None):
                      sae_dir=a.sae, vectors_dir=a.vectors, sae_layer=a.sae_layer, steer_layer=a.steer_layer,
                      override_artifact_settings=a.override_artifact_settings, dtype=a.dtype, alpha=a.alpha,
                      block_size=a.block_size, n_mcmc=a.n_mcmc, n_particles=a.n_particles, use_ray=a.ray,
-                     workers=a.workers)
+                     workers=a.workers, scalable={key: getattr(a, key) for key in SCALABLE_FLAGS.values()
+                                                  if getattr(a, key) is not None})
     mine = [e for e in s["methods"].values() if e["method"] == a.method and e["dataset"] == a.data]
     print(json.dumps(mine[0]))
 

@@ -2,7 +2,9 @@
 
 OUTPUT gets one row per prompt and chain, appended as batches finish: ``id``, ``chain``, the
 prompt, the sample (``output``, ``ids``, ``logp``, ``logq``), that row's own statistics (MH:
-``acceptance_rate``, ``proposals``; SMC: ``selected``, ``ess``) and ``run_id``. Batch totals
+``acceptance_rate``, ``proposals``; SMC: ``selected``, ``ess``) and ``run_id``. ``--method scalable``
+is scalable power sampling (approximate; ``--variant``, ``--n-candidates``, ``--n-rollouts``,
+``--horizon``, ``--n-proposals``, ``--no-jackknife``). Batch totals
 (decoded tokens, token-forwards, seconds, ...) are not repeated on rows: they are written once per
 batch to OUTPUT.summary.json, with their sums over all batches and the run's configuration.
 
@@ -16,6 +18,7 @@ unbroken run's.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import zlib
 from pathlib import Path
@@ -28,6 +31,22 @@ from .loading import DTYPE_CHOICES, DTYPE_HELP, device, dtype_name, load_side
 from .provenance import RunIdentity, differences, model_identity, text_hash
 
 __all__ = ["main"]
+
+
+def _defaults(*keys) -> dict:
+    """PowerSampler's defaults of the settings ``keys``."""
+    from .power import PowerSampler
+    params = inspect.signature(PowerSampler.__init__).parameters
+    return {k: params[k].default for k in keys}
+
+
+#: the scalable sampler's settings the --method scalable flags set (defaults: PowerSampler's)
+_SCALABLE_KEYS = ("variant", "n_candidates", "n_rollouts", "horizon", "n_proposals", "jackknife")
+_SCALABLE = _defaults(*_SCALABLE_KEYS, "prefix_kv")
+
+
+def _scalable(a) -> dict:
+    return {k: getattr(a, k) for k in _SCALABLE_KEYS}
 
 
 def _parser() -> ArgumentParser:
@@ -44,10 +63,23 @@ def _parser() -> ArgumentParser:
                                                            "(default: %(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=3072, help="tokens per sample (default: %(default)s)")
     ap.add_argument("--top-k", type=int, help="proposal top-k (default: none; 50 with --official)")
-    ap.add_argument("--method", default="mh", choices=["mh", "smc"],
-                    help="block-wise Metropolis-Hastings or Power-SMC (default: %(default)s)")
+    ap.add_argument("--method", default="mh", choices=["mh", "smc", "scalable"],
+                    help="block-wise Metropolis-Hastings, Power-SMC or scalable power sampling "
+                         "(default: %(default)s)")
     ap.add_argument("--n-particles", "--particles", type=int, default=16,
                     help="SMC: particles per chain (default: %(default)s)")
+    ap.add_argument("--variant", default=_SCALABLE["variant"], choices=["token", "block"],
+                    help="scalable: one token per decision, or blocks of --block-size (default: %(default)s)")
+    ap.add_argument("--n-candidates", type=int, default=_SCALABLE["n_candidates"],
+                    help="scalable: candidates K per decision (default: %(default)s)")
+    ap.add_argument("--n-rollouts", type=int, default=_SCALABLE["n_rollouts"],
+                    help="scalable: rollouts M per candidate (>= 2 with the jackknife; default: %(default)s)")
+    ap.add_argument("--horizon", type=int, default=_SCALABLE["horizon"],
+                    help="scalable: rollout tokens H at most (default: %(default)s)")
+    ap.add_argument("--n-proposals", type=int, default=_SCALABLE["n_proposals"],
+                    help="scalable --variant block: proposed blocks L per decision (default: %(default)s)")
+    ap.add_argument("--no-jackknife", dest="jackknife", action="store_false",
+                    help="scalable: no jackknife bias correction")
     ap.add_argument("--chains", type=int, default=1,
                     help="independent samples per prompt, one row each (default: %(default)s)")
     ap.add_argument("--official", action="store_true", help="the official code's biased procedure")
@@ -61,9 +93,17 @@ def _parser() -> ArgumentParser:
 def _check_flags(a) -> None:
     for flag, value, least in (("--alpha", a.alpha, 1), ("--block-size", a.block_size, 1), ("--n-mcmc", a.n_mcmc, 0),
                                ("--max-new-tokens", a.max_new_tokens, 1), ("--top-k", a.top_k, 1),
-                               ("--n-particles", a.n_particles, 1), ("--chains", a.chains, 1), ("--batch", a.batch, 1)):
+                               ("--n-particles", a.n_particles, 1), ("--chains", a.chains, 1), ("--batch", a.batch, 1),
+                               ("--n-candidates", a.n_candidates, 1), ("--n-rollouts", a.n_rollouts, 1),
+                               ("--horizon", a.horizon, 1), ("--n-proposals", a.n_proposals, 1)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}")
+    if a.method == "scalable":
+        from .scalable import check_settings
+        try:
+            check_settings(**_scalable(a), prefix_kv=_SCALABLE["prefix_kv"], vocab_size=None)
+        except ValueError as e:
+            raise UserError(f"--method scalable: {e}") from None
     dtype_name(a.dtype, a.model)
 
 
@@ -94,6 +134,8 @@ def _run(a) -> RunIdentity:
                    top_k=a.top_k, method=a.method, official=a.official)
     if a.method == "smc":
         sampler["n_particles"] = a.n_particles
+    if a.method == "scalable":
+        sampler.update(_scalable(a))
     return RunIdentity(dict(model=model_identity(a.model, "--model"), dtype=dtype_name(a.dtype, a.model),
                             device=device(), sampler=sampler, chains=a.chains, seed=a.seed,
                             prompt=dict(format="power template (rows with 'question')",
@@ -152,7 +194,8 @@ def _sample(a, rows: list[dict], run: RunIdentity) -> int:
     side = load_side(a.model, "base", seed=a.seed, dtype=a.dtype)
     ps = PowerSampler(side.model, alpha=a.alpha, block_size=a.block_size, n_mcmc=a.n_mcmc,
                       max_new_tokens=a.max_new_tokens, top_k=a.top_k, method=a.method,
-                      n_particles=a.n_particles, official=a.official, tokenizer=side.tokenizer)
+                      n_particles=a.n_particles, official=a.official, tokenizer=side.tokenizer,
+                      **(_scalable(a) if a.method == "scalable" else {}))
     from tqdm.auto import tqdm
     for i in tqdm(range(0, len(todo), a.batch), desc="power-sample"):
         chunk = todo[i: i + a.batch]

@@ -248,3 +248,28 @@ def test_bad_settings_are_refused_by_name():
         with pytest.raises(NotImplementedError, match="method='scalable' takes no compile="):
             PowerSampler(m, method="scalable", **kw)
 
+
+def test_eval_and_power_sample_run_the_scalable_sampler(tmp_path, capsys):
+    import json
+    from hybridfast.eval import ResultsLog, main
+    from hybridfast.power_cli import main as power_main
+    from .helpers import refused
+    args = ["--method", "power-scalable", "--out", str(tmp_path / "e"), "--limit", "1", "--max-new-tokens", "3",
+            "--dtype", "fp32", "--n-candidates", "2", "--n-rollouts", "2", "--horizon", "2"]
+    main(args)
+    run = ResultsLog(tmp_path / "e" / "results.jsonl").rows()[0]["run"]["power"]
+    assert {k: run[k] for k in ("method", "variant", "n_candidates", "n_rollouts", "horizon", "jackknife")} == \
+        dict(method="scalable", variant="token", n_candidates=2, n_rollouts=2, horizon=2, jackknife=True)
+    capsys.readouterr()
+    assert "power.jackknife: true -> false" in refused(args + ["--no-jackknife"], capsys)
+    assert "--n-rollouts must be >= 1, got 0" in refused(args + ["--n-rollouts", "0"], capsys)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(dict(id="a", question="What is 1 + 1?")) + "\n")
+    out = tmp_path / "out.jsonl"
+    power_main([str(inp), str(out), "--method", "scalable", "--variant", "block", "--block-size", "2",
+                "--n-proposals", "3", "--n-candidates", "2", "--n-rollouts", "2", "--horizon", "2",
+                "--max-new-tokens", "4", "--dtype", "fp32"])
+    row = json.loads(out.read_text())
+    assert len(row["ids"]) == len(row["logq"]) > 0
+    summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
+    assert summary["run"]["sampler"]["variant"] == "block" and summary["totals"]["rollout_tokens"] > 0
