@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ from . import ops
 from .compiled import compile_options, compile_step, new_cache
 from .model import DecoderModel, KVCache
 from .ops.rng import RandomStream
-from .scheduler import Request, Scheduler
+from .scheduler import Completion, Request, Scheduler
 
 __all__ = ["Engine", "Generation", "PlainMode", "pad_prompts", "pad_id", "sample"]
 
@@ -96,6 +96,8 @@ class Engine:
         #: torch.compile options of the decode step (None: eager); see hybridfast.compiled
         self.compile_options = compile_options(compile, self.m.device)
         self.step = compile_step(self._step, self.compile_options)
+        #: the scheduler's counts (:attr:`Scheduler.stats`) of the last stream or generate
+        self.last_stats: dict = {}
 
     def new_cache(self, batch: int, capacity: int, **kw) -> KVCache:
         """A cache for ``capacity`` tokens (rounded up to the compile bucket when compiled)."""
@@ -165,6 +167,21 @@ class Engine:
         return Scheduler(mode, rows=rows, capacities=[capacity], eos=eos, pad=pad_id(eos),
                          sync_every=self.sync_every, compact=compact)
 
+    def stream(self, prompts, max_new_tokens: int, *, rows: int, temperature: float = 0.0,
+               top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               eos_token_id=None) -> Iterator[list[Completion]]:
+        """Decode token-id ``prompts`` ``rows`` at a time with continuous batching, yielding the
+        completions (``index`` = prompt position) of each sync point that finished some."""
+        prompts = [list(map(int, p)) for p in prompts]
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        reqs = self.requests(prompts, max_new_tokens)
+        sched = self.scheduler(rows, max(map(len, prompts)) + max_new_tokens, temperature=temperature,
+                               top_k=top_k, generator=generator, eos_token_id=eos_token_id,
+                               compact=rows < len(prompts))
+        yield from sched.groups(reqs)
+        self.last_stats = sched.stats
+
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -174,17 +191,13 @@ class Engine:
         (a prompt starts as soon as a row frees; the batch shrinks as the queue drains). Greedy
         tokens are the same either way."""
         t0 = time.perf_counter()
-        prompts = [list(map(int, p)) for p in prompts]
-        if len(prompts) == 0:
-            raise ValueError("no prompts given")
-        reqs = self.requests(prompts, max_new_tokens)
-        sched = self.scheduler(rows or len(prompts), max(map(len, prompts)) + max_new_tokens,
-                               temperature=temperature, top_k=top_k, generator=generator,
-                               eos_token_id=eos_token_id, compact=rows is not None)
-        done = {c.index: c for c in sched.run(reqs)}
-        out = Generation.from_completions([done[i] for i in range(len(prompts))], sched.pad)
-        st = sched.stats
-        out.steps, out.extra = sched.chosen, st
+        done = {c.index: c for group in self.stream(
+            prompts, max_new_tokens, rows=rows or len(prompts), temperature=temperature, top_k=top_k,
+            generator=generator, eos_token_id=eos_token_id) for c in group}
+        out = Generation.from_completions([done[i] for i in range(len(done))],
+                                         pad_id(_eos_ids(self.hf, eos_token_id)))
+        st = self.last_stats
+        out.steps, out.extra = max(out.lengths.tolist()), st
         out.token_forwards = st["prefill_tokens"] + st["row_steps"]
         out.seconds = time.perf_counter() - t0
         return out

@@ -53,6 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -215,7 +216,7 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
         p["engine"] = _call_params(Engine.__init__, {}, ("model",))
         p["generate"] = _call_params(Engine.generate, dict(max_new_tokens=max_new_tokens,
                                                            temperature=0.25 if method == "low-temp" else 0.0),
-                                     ("prompts", "generator", "eos_token_id"))
+                                     ("prompts", "generator", "eos_token_id", "rows"))
     if method in STEERED_METHODS:
         mode = "paper" if method == "hybrid-paper" else "routed"
         given = dict(mode=mode, sae_layer=sae_layer, steer_layer=steer_layer,
@@ -224,7 +225,7 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
                                    ("base", "thinking", "sae", "vectors", "base_tokenizer", "thinking_tokenizer"))
     if method in ("hybrid-paper", "hybrid-routed"):
         p["generate"] = _call_params(HybridModel.generate, dict(max_new_tokens=max_new_tokens),
-                                     ("base_prompts", "thinking_prompts", "eos_token_id"))
+                                     ("base_prompts", "thinking_prompts", "eos_token_id", "rows"))
     if method.startswith("power-"):
         power = dict(alpha=float(alpha), block_size=block_size or max(1, max_new_tokens // 4), n_mcmc=n_mcmc,
                      max_new_tokens=max_new_tokens)
@@ -240,8 +241,10 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
 
 
 def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=None, base_template=None):
-    """A callable ``problems -> [dict(output, tokens, steered_tokens)]`` for method ``name``, run with
-    ``params`` (from :func:`method_params`). Each model reads prompts made and encoded with its own
+    """A generator function ``(problems, rows) -> iterator of [(problem, dict(output, tokens,
+    steered_tokens, ...))]`` for method ``name``, run with ``params`` (from :func:`method_params`).
+    Plain and hybrid methods decode ``rows`` problems at a time with continuous batching and yield
+    each group of problems as it finishes; power methods yield batches of ``rows`` problems. Each model reads prompts made and encoded with its own
     tokenizer; outputs are decoded with the tokenizer of the model that wrote them."""
     from .engine import Engine
     from .prompts import BASE_TEMPLATE, power_prompt, thinking_prompt
@@ -261,12 +264,13 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     def plain(model, tok, prompt_fn):
         engine = Engine(model, **params["engine"])
 
-        def run(problems):
-            out = engine.generate(enc(tok, [prompt_fn(p["question"]) for p in problems]), **params["generate"],
-                                  eos_token_id=tok.eos_token_id, generator=generator())
-            return [dict(output=tok.decode(s, skip_special_tokens=True), tokens=len(s), steered_tokens=0)
-                    for s in out.sequences()]
-        return run
+        def answers(problems, rows):
+            prompts = enc(tok, [prompt_fn(p["question"]) for p in problems])
+            for group in engine.stream(prompts, **params["generate"], rows=rows, eos_token_id=tok.eos_token_id,
+                                       generator=generator()):
+                yield [(problems[c.index], dict(output=tok.decode(c.tokens, skip_special_tokens=True),
+                                                tokens=len(c.tokens), steered_tokens=0)) for c in group]
+        return answers
 
     def hybrid():
         from .hybrid import HybridModel
@@ -280,25 +284,29 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     if name.startswith("hybrid-"):
         hm = hybrid()
 
-        def run(problems):
-            o = hm.generate([base_prompt(p["question"]) for p in problems],
-                            [think_prompt(p["question"]) for p in problems], **params["generate"],
-                            eos_token_id=btok.eos_token_id)
-            return [dict(output=r.text, tokens=len(r.ids), steered_tokens=sum(r.steered),
-                         **token_fields(r, btok, vectors.names)) for r in o.results]
-        return run
+        def answers(problems, rows):
+            for group in hm.stream([base_prompt(p["question"]) for p in problems],
+                                   [think_prompt(p["question"]) for p in problems], **params["generate"],
+                                   rows=rows, eos_token_id=btok.eos_token_id):
+                yield [(problems[i], dict(output=r.text, tokens=len(r.ids), steered_tokens=sum(r.steered),
+                                          **token_fields(r, btok, vectors.names))) for i, r in group]
+        return answers
     from .power import PowerSampler
     steer = hybrid() if name == "power-hybrid" else None
     ps = PowerSampler(models.base, **params["power"], tokenizer=btok, eos_token_id=btok.eos_token_id, steer=steer)
 
-    def run(problems):
+    def batch(problems):
         thinking = [think_prompt(p["question"]) for p in problems] if steer else None
         res = ps.sample(enc(btok, [power_prompt(p["question"]) for p in problems]), **params["sample"],
                         generator=generator(), thinking_prompts=thinking)
         steered = routed_steered_tokens(steer, thinking, res) if steer else [0] * len(res)
         return [dict(output=r.text, tokens=len(r.ids), steered_tokens=n, **mh_fields(ps.last_stats, b, r))
                 for b, (r, n) in enumerate(zip(res, steered))]
-    return run
+
+    def answers(problems, rows):
+        for chunk in _batches(problems, rows):
+            yield list(zip(chunk, batch(chunk)))
+    return answers
 
 
 def _block_output(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
@@ -378,23 +386,26 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i: i + size] for i in range(0, len(items), size)]
 
 
-def _answer(fn, chunk: list[dict], run: RunIdentity) -> list[dict]:
-    """Generate and grade one batch of problems."""
+def _graded(fn, problems: list[dict], rows: int, run: RunIdentity) -> Iterator[list[dict]]:
+    """Answer ``problems`` with ``fn`` and grade each group as it finishes; a row's ``seconds`` is
+    its share of the wall time since the previous group (they sum to the run's wall time)."""
     t0 = time.perf_counter()
-    outs = fn(chunk)
-    return grade_rows(run.data["name"], chunk, outs, run.config["method"], time.perf_counter() - t0, run)
+    for group in fn(problems, rows):
+        now = time.perf_counter()
+        yield grade_rows(run.data["name"], [p for p, _ in group], [o for _, o in group], run.config["method"],
+                         now - t0, run)
+        t0 = now
 
 
 def _shard_worker(spec: MethodSpec, steering: SteeringArtifacts | None, run: RunIdentity, problems: list[dict],
                   batch_size: int) -> list[dict]:
     """One shard in a (Ray) worker: builds the method, returns the graded rows."""
-    fn = _build_method(spec, steering)
-    return [row for chunk in _batches(problems, batch_size) for row in _answer(fn, chunk, run)]
+    return [row for rows in _graded(_build_method(spec, steering), problems, batch_size, run) for row in rows]
 
 
 def _evaluate(spec: MethodSpec, steering: SteeringArtifacts | None, run: RunIdentity, todo: list[dict],
               log: ResultsLog, *, batch_size: int, use_ray: bool, workers: int, progress: bool) -> None:
-    """Answer ``todo``, appending each batch's rows (each shard's, with Ray) as it finishes."""
+    """Answer ``todo``, appending each group's rows (each shard's, with Ray) as it finishes."""
     if use_ray:
         import ray
         if not ray.is_initialized():
@@ -408,9 +419,10 @@ def _evaluate(spec: MethodSpec, steering: SteeringArtifacts | None, run: RunIden
         return
     fn = _build_method(spec, steering)
     from tqdm.auto import tqdm
-    with tqdm(_batches(todo, batch_size), desc=spec.method, disable=not progress) as chunks:
-        for chunk in chunks:        # the bar is closed (its line ended) before an interrupt is reported
-            log.append(_answer(fn, chunk, run))
+    with tqdm(total=len(todo), desc=spec.method, disable=not progress) as bar:
+        for rows in _graded(fn, todo, batch_size, run):   # the bar is closed before an interrupt is reported
+            log.append(rows)
+            bar.update(len(rows))
 
 
 def _template_ok(template: str) -> bool:
@@ -628,7 +640,9 @@ def _eval_parser() -> ArgumentParser:
                                        "its prompts use its own tokenizer's chat template")
     ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=4, help="problems per batch (>= 1; not part of the run)")
+    ap.add_argument("--batch-size", type=int, default=4, help="rows decoded at once (>= 1; not part of the run): plain and hybrid methods "
+                    "refill a row as soon as its problem ends (continuous batching); power methods "
+                    "sample this many problems per batch")
     ap.add_argument("--sae", help="SAE folder (router) for the steered methods, from `hybridfast discover`")
     ap.add_argument("--vectors", help="steering-vectors folder for the steered methods, from "
                                       "`hybridfast train-vectors`")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -133,6 +133,8 @@ class HybridModel:
                              f"({mt.vocab_size}) differ; the models must share a tokenizer")
         _check_tokenizers(base_tokenizer, thinking_tokenizer)
         self.tok_b, self.tok_t = base_tokenizer, thinking_tokenizer
+        #: the scheduler's counts (:attr:`Scheduler.stats`) of the last stream or generate
+        self.last_stats: dict = {}
         self.windows = tuple(int(w) for w in windows)
         if not self.windows or any(w < 0 for w in self.windows):
             raise ValueError(f"windows must be non-negative widths (0 = all positions), got {windows}")
@@ -187,26 +189,50 @@ class HybridModel:
         the unsteered baseline that benchmarks compare against. ``rows=N`` decodes N problems at
         a time with continuous batching (default: one row per problem)."""
         t0 = time.perf_counter()
-        pb = self._encode(base_prompts, self.tok_b)
-        pt = self._encode(thinking_prompts, self.tok_t)
-        if len(pb) != len(pt):
-            raise ValueError(f"{len(pb)} base prompts but {len(pt)} thinking prompts")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if self.mode == "paper" and self.windows != (1,):
             from .baselines import paper_mode_recompute
+            pb, pt = self._prompts(base_prompts, thinking_prompts, max_new_tokens)
             return paper_mode_recompute(self, pb, pt, max_new_tokens, eos_token_id=eos_token_id)
+        done = dict(r for group in self.stream(
+            base_prompts, thinking_prompts, max_new_tokens, rows=rows, eos_token_id=eos_token_id,
+            temperature=temperature, top_k=top_k, generator=generator, steer=steer) for r in group)
+        return HybridOutput([done[i] for i in range(len(done))], time.perf_counter() - t0,
+                            self.last_stats)
+
+    def stream(self, base_prompts, thinking_prompts, max_new_tokens: int = 256, *,
+               rows: Optional[int] = None, eos_token_id=None, temperature: float = 0.0, top_k=None,
+               generator: Optional[torch.Generator] = None,
+               steer: bool = True) -> Iterator[list[tuple[int, HybridResult]]]:
+        """:meth:`generate` with continuous batching over ``rows`` rows (default: one per
+        problem), yielding ``(problem index, result)`` pairs of each sync point that finished
+        some."""
+        pb, pt = self._prompts(base_prompts, thinking_prompts, max_new_tokens)
+        if self.mode == "paper" and self.windows != (1,):
+            raise ValueError(f"windows={self.windows} runs the exact recompute path: use generate")
         if self.mode == "paper" and temperature != 0:
             raise ValueError("paper mode is greedy (temperature=0), as in the paper's code")
         mode = PaperMode(self) if self.mode == "paper" else \
             RoutedMode(self, temperature, top_k, generator, steer)
-        sched = self.scheduler(mode, rows or len(pb), max(map(len, pb)) + max_new_tokens,
+        rows = rows or len(pb)
+        sched = self.scheduler(mode, rows, max(map(len, pb)) + max_new_tokens,
                                max(map(len, pt)) + max_new_tokens, eos_token_id,
-                               compact=rows is not None)
+                               compact=rows < len(pb))
         reqs = [Request((b, t), max_new_tokens, i) for i, (b, t) in enumerate(zip(pb, pt))]
-        done = {c.index: c for c in sched.run(reqs)}
-        results = [self._result(done[i]) for i in range(len(pb))]
-        return HybridOutput(results, time.perf_counter() - t0, sched.stats)
+        for group in sched.groups(reqs):
+            yield [(c.index, self._result(c)) for c in group]
+        self.last_stats = sched.stats
+
+    def _prompts(self, base_prompts, thinking_prompts, max_new_tokens):
+        """Both sides' prompts as id lists, checked."""
+        pb = self._encode(base_prompts, self.tok_b)
+        pt = self._encode(thinking_prompts, self.tok_t)
+        if len(pb) != len(pt):
+            raise ValueError(f"{len(pb)} base prompts but {len(pt)} thinking prompts")
+        if len(pb) == 0:
+            raise ValueError("no prompts given")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        return pb, pt
 
     def scheduler(self, mode, rows: int, capacity_b: int, capacity_t: int,
                   eos_token_id=None, compact: bool = True) -> Scheduler:

@@ -172,12 +172,17 @@ class Scheduler:
     # ------------------------------------------------------------------ loop
     def run(self, requests: Iterable[Request]) -> Iterator[Completion]:
         """Submit ``requests`` and yield each one's completion as it finishes."""
+        for group in self.groups(requests):
+            yield from group
+
+    def groups(self, requests: Iterable[Request]) -> Iterator[list[Completion]]:
+        """Submit ``requests`` and yield the completions of each sync point that finished some."""
         for r in requests:
             self.submit(r)
         while self.busy:
-            for c in self.advance():
-                if c.finished:
-                    yield c
+            done = [c for c in self.advance() if c.finished]
+            if done:
+                yield done
 
     @torch.inference_mode()
     def advance(self, stream: bool = False) -> list[Completion]:

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 import hybridfast
-from hybridfast.artifacts import SAEParams, SteeringVectors
 from hybridfast.eval import ResultsLog, main, routed_steered_tokens, run_eval
-from hybridfast.io import load_vectors, save_sae, save_vectors
+from hybridfast.io import load_vectors
 from hybridfast.provenance import text_hash
 from hybridfast.tiny import tiny_pair, tiny_tokenizer
 
-from .helpers import error_line, forbid_model_loading, refused
+from .helpers import error_line, forbid_model_loading, refused, steering_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--limit", "1", "--batch-size", "1", "--max-new-tokens", "4"]
@@ -29,17 +28,6 @@ FAST = ["--limit", "1", "--batch-size", "1", "--max-new-tokens", "4"]
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "hybridfast.cli", *args], capture_output=True, text=True,
                           timeout=600)
-
-
-def _artifacts(folder, *, sae_layer=3, steer_layer=2, K=3, vectors_K=None, threshold=None,
-               sae_model="tiny-thinking", vectors_model="tiny-base", d=64):
-    """An SAE and a vectors folder for the tiny pair (hidden size 64, 4 blocks)."""
-    g = torch.Generator().manual_seed(0)
-    sae = SAEParams(torch.randn(d, K, generator=g), torch.zeros(K), torch.zeros(d))
-    vec = SteeringVectors(torch.randn(vectors_K or K, d, generator=g), torch.randn(d, generator=g))
-    save_sae(folder / "sae", sae, layer=sae_layer, model_id=sae_model)
-    save_vectors(folder / "vec", vec, steer_layer=steer_layer, model_id=vectors_model, threshold=threshold)
-    return str(folder / "sae"), str(folder / "vec")
 
 
 def _spy_hybrid_layers(monkeypatch) -> list:
@@ -59,7 +47,7 @@ def _spy_hybrid_layers(monkeypatch) -> list:
 
 def test_layers_come_from_the_artifacts_and_a_differing_flag_is_refused_naming_both(tmp_path, capsys,
                                                                                       monkeypatch):
-    sae, vec = _artifacts(tmp_path, sae_layer=3, steer_layer=2)
+    sae, vec = steering_artifacts(tmp_path, sae_layer=3, steer_layer=2)
     used = _spy_hybrid_layers(monkeypatch)
     run_eval("hybrid-routed", sae_dir=sae, vectors_dir=vec, limit=1, max_new_tokens=4, out=tmp_path / "a",
              progress=False)
@@ -88,7 +76,7 @@ def test_layers_come_from_the_artifacts_and_a_differing_flag_is_refused_naming_b
 
 
 def test_an_artifact_that_records_no_layer_needs_the_flag(tmp_path, capsys, monkeypatch):
-    sae, vec = _artifacts(tmp_path)
+    sae, vec = steering_artifacts(tmp_path)
     cfg = json.loads(Path(vec, "config.json").read_text())
     del cfg["steer_layer"]                                      # as an older hybridfast wrote it
     Path(vec, "config.json").write_text(json.dumps(cfg))
@@ -111,7 +99,7 @@ def test_an_artifact_that_records_no_layer_needs_the_flag(tmp_path, capsys, monk
                                                "but the base model is --model tiny"),
 ])
 def test_artifacts_of_another_taxonomy_or_model_are_refused(tmp_path, capsys, monkeypatch, change, message):
-    sae, vec = _artifacts(tmp_path, **change)
+    sae, vec = steering_artifacts(tmp_path, **change)
     forbid_model_loading(monkeypatch)
     line = refused(["--method", "hybrid-paper", "--sae", sae, "--vectors", vec, "--out", str(tmp_path / "r"), *FAST],
                     capsys)
@@ -123,7 +111,7 @@ def test_artifacts_of_another_taxonomy_or_model_are_refused(tmp_path, capsys, mo
 def test_a_non_finite_tensor_is_refused_naming_it_and_its_artifact(tmp_path, capsys, monkeypatch, which, tensor,
                                                                    value):
     from hybridfast.io import load_tensors, save_tensors
-    sae, vec = _artifacts(tmp_path)
+    sae, vec = steering_artifacts(tmp_path)
     path = Path(sae if which == "sae" else vec, "sae.safetensors" if which == "sae" else "vectors.safetensors")
     t = load_tensors(path)
     t[tensor].view(-1)[1] = value
@@ -210,9 +198,9 @@ def test_the_thinking_model_reads_its_own_chat_template_and_the_run_records_it(t
     tok.chat_template = THINK_TEMPLATE
     tok.save_pretrained(tmp_path / "think")
     models = dict(model=str(tmp_path / "base"), thinking=str(tmp_path / "think"))
-    fed, generate = [], Engine.generate
-    monkeypatch.setattr(Engine, "generate", functools.wraps(generate)(
-        lambda self, prompts, *a, **k: fed.extend(prompts) or generate(self, prompts, *a, **k)))
+    fed, stream = [], Engine.stream
+    monkeypatch.setattr(Engine, "stream", functools.wraps(stream)(
+        lambda self, prompts, *a, **k: fed.extend(prompts) or stream(self, prompts, *a, **k)))
     run_eval("thinking", **models, limit=2, max_new_tokens=4, out=tmp_path / "t", progress=False)
     assert len(fed) == 2 and all(tok.decode(ids).startswith("<s>THINKER ") for ids in fed)
     row = ResultsLog(tmp_path / "t" / "results.jsonl").rows()[0]
@@ -220,10 +208,10 @@ def test_the_thinking_model_reads_its_own_chat_template_and_the_run_records_it(t
                                                       template=text_hash(THINK_TEMPLATE))}
     assert text_hash(tiny_tokenizer().chat_template) != text_hash(THINK_TEMPLATE)
     # a hybrid run: the thinking side gets the thinking template, the base side its task prompt
-    sae, vec = _artifacts(tmp_path, sae_model=str(tmp_path / "think"), vectors_model=str(tmp_path / "base"))
-    seen, hgen = {}, HybridModel.generate
-    monkeypatch.setattr(HybridModel, "generate", functools.wraps(hgen)(
-        lambda self, b, t, *a, **k: seen.update(base=b, thinking=t) or hgen(self, b, t, *a, **k)))
+    sae, vec = steering_artifacts(tmp_path, sae_model=str(tmp_path / "think"), vectors_model=str(tmp_path / "base"))
+    seen, hstream = {}, HybridModel.stream
+    monkeypatch.setattr(HybridModel, "stream", functools.wraps(hstream)(
+        lambda self, b, t, *a, **k: seen.update(base=b, thinking=t) or hstream(self, b, t, *a, **k)))
     run_eval("hybrid-routed", **models, sae_dir=sae, vectors_dir=vec, limit=2, max_new_tokens=4,
              out=tmp_path / "h", progress=False)
     assert all(p.startswith("<s>THINKER ") for p in seen["thinking"])
@@ -256,7 +244,7 @@ def test_power_hybrid_reports_the_tokens_it_steered(tmp_path):
     from hybridfast.hybrid import HybridModel
     from hybridfast.io import load_sae
     from hybridfast.prompts import base_prompt, thinking_prompt
-    sae, vec = _artifacts(tmp_path)
+    sae, vec = steering_artifacts(tmp_path)
     tok = tiny_tokenizer()
     base, think = tiny_pair(tok, seed=0)
     qs = ["What is 2 + 3?", "Tom has 5 apples and eats 2. How many are left?"]
@@ -271,7 +259,7 @@ def test_power_hybrid_reports_the_tokens_it_steered(tmp_path):
         partial |= any(0 < c < len(r.ids) for c, r in zip(counts, out.results))
     assert partial
     for threshold, steered_all in ((-1e9, True), (1e9, False)):     # the vectors' recorded threshold is used
-        sae, vec = _artifacts(tmp_path / str(threshold), threshold=threshold)
+        sae, vec = steering_artifacts(tmp_path / str(threshold), threshold=threshold)
         run_eval("power-hybrid", sae_dir=sae, vectors_dir=vec, limit=2, batch_size=2, max_new_tokens=6,
                  out=tmp_path / f"p{threshold}", progress=False)
         rows = ResultsLog(tmp_path / f"p{threshold}" / "results.jsonl").rows()
