@@ -111,3 +111,18 @@ def test_compiled_scheduler_compiles_once_per_batch_shape(model):
     first = cc.frame_count
     assert e.generate(PROMPTS[::-1], T, eos_token_id=2, rows=4).sequences() == ref[::-1]
     assert 2 <= first and cc.frame_count <= 3
+
+
+def test_batching_benchmark_smoke(tmp_path):
+    """bench/bench_batching.py --smoke: same tokens both ways (the script checks), and on a
+    workload whose limits vary 10x continuous batching idles far fewer row-steps."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "bench/bench_batching.py", "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["schedule"]: x for x in json.loads(out.read_text())["rows"]}
+    assert rows["static"]["idle_fraction"] > 0.3 > 0.1 > rows["continuous"]["idle_fraction"]
+    assert rows["static"]["tokens"] == rows["continuous"]["tokens"]
