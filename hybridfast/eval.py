@@ -240,18 +240,21 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
     return p
 
 
-def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=None, base_template=None):
+def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=None, base_template=None,
+                power_template=None):
     """A generator function ``(problems, rows) -> iterator of [(problem, dict(output, tokens,
     steered_tokens, ...))]`` for method ``name``, run with ``params`` (from :func:`method_params`).
     Plain and hybrid methods decode ``rows`` problems at a time with continuous batching and yield
     each group of problems as it finishes; power methods yield batches of ``rows`` problems. Each model reads prompts made and encoded with its own
     tokenizer; outputs are decoded with the tokenizer of the model that wrote them."""
     from .engine import Engine
-    from .prompts import BASE_TEMPLATE, power_prompt, thinking_prompt
+    from .prompts import BASE_TEMPLATE, POWER_TEMPLATE, thinking_prompt
+    from .prompts import power_prompt as _power_prompt
     from .prompts import base_prompt as _base_prompt
     btok, ttok = models.base_tokenizer, models.thinking_tokenizer
     enc = lambda tok, ps: [tok(p, add_special_tokens=False)["input_ids"] for p in ps]  # noqa: E731
     base_prompt = lambda q: _base_prompt(q, base_template or BASE_TEMPLATE)  # noqa: E731
+    power_prompt = lambda q: _power_prompt(q, power_template or POWER_TEMPLATE)  # noqa: E731
     think_prompt = lambda q: thinking_prompt(ttok, q)  # noqa: E731
     generator = lambda: torch.Generator().manual_seed(params["seed"])  # noqa: E731
     if name not in METHODS:
@@ -374,12 +377,14 @@ class MethodSpec:
     vectors_dir: str | None
     base_template: str | None
     dtype: str = "auto"
+    power_template: str | None = None
 
 
 def _build_method(spec: MethodSpec, steering: SteeringArtifacts | None):
     """Load the models and make the method (the artifacts were loaded and checked before)."""
     return make_method(spec.method, _models(spec), params=spec.params, sae=steering and steering.sae,
-                       vectors=steering and steering.vectors, base_template=spec.base_template)
+                       vectors=steering and steering.vectors, base_template=spec.base_template,
+                       power_template=spec.power_template)
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -436,7 +441,8 @@ def _template_ok(template: str) -> bool:
 
 def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_tokens, sae_layer, steer_layer,
                    base_template, model, thinking, sae_dir, vectors_dir, dtype="auto", alpha=ALPHA,
-                   block_size=None, n_mcmc=N_MCMC, n_particles=N_PARTICLES, scalable=None) -> None:
+                   block_size=None, n_mcmc=N_MCMC, n_particles=N_PARTICLES, scalable=None,
+                   power_template=None) -> None:
     """Every setting in range and every input a method needs present, else a :class:`UserError`
     naming the flag."""
     if method not in METHODS:
@@ -455,8 +461,9 @@ def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_t
     dtype_name(dtype, model)          # an unknown --dtype is a UserError
     if model == "tiny" and thinking is not None:
         raise UserError("--model tiny is the bundled pair (base and thinking): drop --thinking")
-    if base_template is not None and not _template_ok(base_template):
-        raise UserError(f"--base-template must contain {{q}} and no other {{}} field: {base_template!r}")
+    for flag, template in (("--base-template", base_template), ("--power-template", power_template)):
+        if template is not None and not _template_ok(template):
+            raise UserError(f"{flag} must contain {{q}} and no other {{}} field: {template!r}")
     if _uses_thinking(method) and model != "tiny" and thinking is None:
         raise UserError(f"--method {method} needs --thinking (the thinking model's path or hub id)")
     if method in STEERED_METHODS and (sae_dir is None or vectors_dir is None):
@@ -499,7 +506,7 @@ def _prompt_formats(spec: MethodSpec) -> dict:
     and power templates (hashes) for the base model; the thinking model's own tokenizer's chat
     template (its hash; the tokenizer is loaded, not the model)."""
     from .prompts import BASE_TEMPLATE, POWER_TEMPLATE, thinking_format
-    templates = dict(base=spec.base_template or BASE_TEMPLATE, power=POWER_TEMPLATE)
+    templates = dict(base=spec.base_template or BASE_TEMPLATE, power=spec.power_template or POWER_TEMPLATE)
     formats = {}
     for kind in _PROMPTS[spec.method]:
         if kind == "thinking":
@@ -575,6 +582,7 @@ def _routing(steering: SteeringArtifacts | None) -> dict:
 
 
 def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False, base_template=None,
+             power_template=None,
              limit=None, offset=0, out="runs/eval", model="tiny", thinking=None, seed=0, max_new_tokens=64,
              batch_size=4, sae_dir=None, vectors_dir=None, sae_layer=None, steer_layer=None,
              override_artifact_settings=False, dtype="auto", alpha=ALPHA, block_size=None, n_mcmc=N_MCMC,
@@ -588,7 +596,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
                    max_new_tokens=max_new_tokens, sae_layer=sae_layer, steer_layer=steer_layer,
                    base_template=base_template, model=model, thinking=thinking, sae_dir=sae_dir,
                    vectors_dir=vectors_dir, dtype=dtype, alpha=alpha, block_size=block_size, n_mcmc=n_mcmc,
-                   n_particles=n_particles, scalable=scalable)
+                   n_particles=n_particles, scalable=scalable, power_template=power_template)
     source, problems = _problems(dataset, split, path, hf, limit, offset)
     thinking = ("tiny" if model == "tiny" else thinking) if _uses_thinking(method) else None
     steering = _steering(method, model, thinking, sae_dir, vectors_dir, sae_layer, steer_layer,
@@ -598,7 +606,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
                            routing=_routing(steering), alpha=alpha, block_size=block_size, n_mcmc=n_mcmc,
                            n_particles=n_particles, scalable=scalable)
     spec = MethodSpec(method, model, thinking, params, steering and sae_dir, steering and vectors_dir,
-                      base_template, dtype)
+                      base_template, dtype, power_template)
     run = RunIdentity(run_config(spec, steering), source.record())
     results = _writable_results(out)
     with WriterLock(results):
@@ -631,6 +639,8 @@ def _eval_parser() -> ArgumentParser:
     ap.add_argument("--path", help="a JSONL file instead of the shared copy (or the bundled sample)")
     ap.add_argument("--hf", action="store_true", help="load the dataset with `datasets` (network)")
     ap.add_argument("--base-template", help="override the base task prompt (must contain {q})")
+    ap.add_argument("--power-template", help="override the prompt of low-temp and the power methods (must "
+                    "contain {q}; default: the paper's boxed-answer prompt)")
     ap.add_argument("--limit", type=int, help="evaluate at most this many problems (>= 1)")
     ap.add_argument("--offset", type=int, default=0, help="skip this many problems first (>= 0)")
     ap.add_argument("--model", default="tiny",
@@ -685,7 +695,7 @@ def main(argv=None):
     a = _eval_parser().parse_args(argv)
     with reported(a.debug, resume="hybridfast eval " + shlex.join(argv)):
         s = run_eval(a.method, dataset=a.data, split=a.split, path=a.path, hf=a.hf,
-                     base_template=a.base_template, limit=a.limit, offset=a.offset, out=a.out, model=a.model,
+                     base_template=a.base_template, power_template=a.power_template, limit=a.limit, offset=a.offset, out=a.out, model=a.model,
                      thinking=a.thinking, seed=a.seed, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                      sae_dir=a.sae, vectors_dir=a.vectors, sae_layer=a.sae_layer, steer_layer=a.steer_layer,
                      override_artifact_settings=a.override_artifact_settings, dtype=a.dtype, alpha=a.alpha,

@@ -86,3 +86,18 @@ def test_continuous_batching_does_not_change_greedy_answers(tmp_path, method):
     strip = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731
     wide, narrow = _rows(tmp_path / "wide"), _rows(tmp_path / "narrow")
     assert len(wide) == 5 and strip(narrow) == strip(wide)
+
+
+def test_power_template_is_used_and_recorded(tmp_path):
+    """--power-template replaces the paper's boxed-answer prompt of low-temp and the power
+    methods (SmolLM2 ends that prompt with EOS at once) and is part of the run."""
+    from hybridfast.errors import UserError
+    from hybridfast.provenance import text_hash
+    kw = dict(limit=1, max_new_tokens=4, progress=False, model="tiny")
+    run_eval("low-temp", out=tmp_path / "a", **kw)
+    run_eval("low-temp", out=tmp_path / "b", power_template="Q: {q}\nA:", **kw)
+    a, b = _rows(tmp_path / "a")[0], _rows(tmp_path / "b")[0]
+    assert b["run"]["prompts"]["power"]["template"] == text_hash("Q: {q}\nA:")
+    assert a["run_id"] != b["run_id"]
+    with pytest.raises(UserError, match="--power-template must contain"):
+        run_eval("power-mh", out=tmp_path / "c", power_template="no field", **kw)
