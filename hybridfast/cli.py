@@ -23,6 +23,8 @@ COMMANDS = {
     "discover": ("taxonomy discovery (traces, SAE)", "hybridfast.pipeline_cli:discover_main"),
     "train-vectors": ("train the steering vectors", "hybridfast.pipeline_cli:train_vectors_main"),
     "power-sample": ("power-sample prompts from a JSONL file (resumable)", "hybridfast.power_cli:main"),
+    "serve": ("OpenAI-compatible HTTP server (continuous batching; plain, hybrid and power methods)",
+              "hybridfast.serving.cli:main"),
     "bench": ("tokens/sec of the hybrid modes vs baselines (bench/bench_hybrid.py; new timestamped "
               "result file unless --overwrite)", "bench_hybrid"),
     "bench-power": ("power-sampling benchmark (bench/bench_power.py; new timestamped result file unless "
