@@ -222,6 +222,13 @@ def test_power_methods(models, client):
                                                                         seed=1, return_token_ids=True))
     a, b = client.completions.create(**smc).choices[0], client.completions.create(**smc).choices[0]
     assert a.token_ids == b.token_ids and 1 <= len(a.token_ids) <= 10
+    scalable = dict(alpha=2.0, n_candidates=2, n_rollouts=2, horizon=3)
+    ps = PowerSampler(models.base, method="scalable", **scalable, max_new_tokens=6,
+                      eos_token_id=models.tokenizer.eos_token_id)
+    ref = ps.sample([ids], generator=torch.Generator().manual_seed(5))[0]
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=6,
+                                  extra_body=dict(method="power-scalable", seed=5, return_token_ids=True, **scalable))
+    assert r.choices[0].token_ids == ref.ids
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -241,10 +248,13 @@ BAD = [
     (dict(n=9), 400, "n", "n must be in [1, 8] (--rows), got 9"),
     (dict(stop=[""]), 400, "stop", "stop takes up to 4 non-empty strings"),
     (dict(seed=3, temperature=0.7), 400, "seed", "seed is not supported for sampled plain requests"),
-    (dict(alpha=2.0), 400, "alpha", "alpha is not a setting of method plain (it is one of power-mh, power-smc)"),
+    (dict(alpha=2.0), 400, "alpha", "alpha is not a setting of method plain (it is one of power-mh, power-smc, power-scalable)"),
     (dict(method="power-mh", alpha=0.5), 400, "alpha", "alpha must be >= 1, got 0.5"),
     (dict(method="power-smc", ess_threshold=1.5), 400, "ess_threshold", "ess_threshold must be in (0, 1]"),
     (dict(method="power-mh", temperature=0.3), 400, "temperature", "temperature is not a setting of power-mh"),
+    (dict(method="power-scalable", variant="tree"), 400, "variant", "variant must be 'token' or 'block', got 'tree'"),
+    (dict(method="power-scalable", top_k=5), 400, "top_k", "top_k is not a setting of method power-scalable"),
+    (dict(method="power-scalable", jackknife=True, n_rollouts=1), 400, None, "it needs n_rollouts (M) >= 2"),
     (dict(method="hybrid-paper", temperature=0.3), 400, "temperature", "hybrid-paper is greedy"),
     (dict(method="plain", block_size=4), 400, "block_size", "block_size is not a setting of method plain"),
     (dict(prompt="x" * 3000), 400, "prompt", "this server holds 1024 tokens per request"),
@@ -293,7 +303,7 @@ def test_hybrid_methods_need_steering(models):
         r = httpx.post(srv.url + "/v1/completions", json=dict(model="tiny", prompt="Hi", method="hybrid-routed"))
         err = r.json()["error"]
         assert (r.status_code, err["param"], err["code"]) == (400, "method", "method_unavailable")
-        assert "it serves plain, power-mh, power-smc" in err["message"]
+        assert "it serves plain, power-mh, power-smc, power-scalable" in err["message"]
     finally:
         srv.stop()
 
@@ -399,7 +409,7 @@ def test_serve_command_runs_a_server():
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
-    assert "hybridfast serve: tiny (plain, power-mh, power-smc) on http://127.0.0.1:" in out
+    assert "hybridfast serve: tiny (plain, power-mh, power-smc, power-scalable) on http://127.0.0.1:" in out
 
 
 def test_import_hybridfast_does_not_import_the_server_stack():

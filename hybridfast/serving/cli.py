@@ -3,8 +3,9 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (``stream: true`` for SSE), GET
 /v1/models, GET /health. A request picks its method with the body field ``method`` (the OpenAI
 client's ``extra_body``): plain (default), hybrid-paper, hybrid-routed (need --sae and --vectors,
-and --thinking unless --model tiny), power-mh, power-smc; plus that method's settings (top_k,
-threshold, alpha, block_size, n_mcmc, n_particles, ess_threshold, alpha_ramp).
+and --thinking unless --model tiny), power-mh, power-smc, power-scalable; plus that method's
+settings (top_k, threshold, alpha, block_size, n_mcmc, n_particles, ess_threshold, alpha_ramp,
+variant, n_candidates, n_rollouts, horizon, n_proposals, jackknife).
 
 plain and the hybrid methods are continuously batched: a request joins a free row of the
 scheduler for its (method, temperature, top_k, threshold) as soon as one frees. Power requests

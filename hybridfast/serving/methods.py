@@ -1,20 +1,26 @@
 """The generation methods a request selects (``method``) and the settings that decide its tokens.
 
-=================  ===================================================  ==========================================
-method             runs                                                 settings
-=================  ===================================================  ==========================================
-``plain``          ``Engine`` decoding, continuous batching              temperature, top_k
-``hybrid-paper``   ``HybridModel`` paper mode, continuous batching        (greedy, as in the paper)
-``hybrid-routed``  ``HybridModel`` routed mode, continuous batching       temperature, top_k, threshold
-``power-mh``       ``PowerSampler(method="mh")``, one job at a time       alpha, block_size, n_mcmc, top_k, seed
-``power-smc``      ``PowerSampler(method="smc")``, one job at a time      alpha, n_particles, ess_threshold,
-                                                                        alpha_ramp, top_k, seed
-=================  ===================================================  ==========================================
+==================  ===================================================  ====================================
+method              runs                                                 settings
+==================  ===================================================  ====================================
+``plain``           ``Engine`` decoding, continuous batching              temperature, top_k
+``hybrid-paper``    ``HybridModel`` paper mode, continuous batching        (greedy, as in the paper)
+``hybrid-routed``   ``HybridModel`` routed mode, continuous batching       temperature, top_k, threshold
+``power-mh``        ``PowerSampler(method="mh")``, one job at a time       alpha, block_size, n_mcmc, top_k, seed
+``power-smc``       ``PowerSampler(method="smc")``, one job at a time      alpha, n_particles, ess_threshold,
+                                                                         alpha_ramp, top_k, seed
+``power-scalable``  ``PowerSampler(method="scalable")``, one job at a      alpha, block_size, variant,
+                    time                                                 n_candidates, n_rollouts, horizon,
+                                                                         n_proposals, jackknife, seed
+==================  ===================================================  ====================================
 
-A request that gives a setting its method does not take is refused, naming the setting.
+A request that gives a setting its method does not take is refused, naming the setting. Ranges
+are checked here; what depends on several settings (e.g. scalable's n_candidates <= n_proposals)
+is checked by ``PowerSampler``, whose message names the settings.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import RequestError
@@ -23,23 +29,30 @@ __all__ = ["BATCHED", "HYBRID", "POWER", "METHODS", "PARAMS", "Settings", "setti
 
 BATCHED = ("plain", "hybrid-paper", "hybrid-routed")      #: run through a continuous-batching Scheduler
 HYBRID = ("hybrid-paper", "hybrid-routed")                #: need a thinking model and steering artifacts
-POWER = {"power-mh": "mh", "power-smc": "smc"}            #: method -> PowerSampler(method=...)
+POWER = {"power-mh": "mh", "power-smc": "smc", "power-scalable": "scalable"}   #: method -> PowerSampler(method=)
 METHODS = BATCHED + tuple(POWER)
 
 _SAMPLED = ("plain", "hybrid-routed")                     #: take temperature and top_k
 _ANY = (lambda v: True, "")
+_AT_LEAST_1, _AT_LEAST_0 = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
 #: method setting -> (type, (test, what it requires), methods that take it)
 PARAMS = {
-    "top_k": (int, (lambda v: v >= 1, ">= 1"), _SAMPLED + tuple(POWER)),
+    "top_k": (int, _AT_LEAST_1, _SAMPLED + ("power-mh", "power-smc")),
     "threshold": (float, _ANY, ("hybrid-routed",)),
-    "alpha": (float, (lambda v: v >= 1, ">= 1"), tuple(POWER)),
-    "block_size": (int, (lambda v: v >= 1, ">= 1"), ("power-mh",)),
-    "n_mcmc": (int, (lambda v: v >= 0, ">= 0"), ("power-mh",)),
-    "n_particles": (int, (lambda v: v >= 1, ">= 1"), ("power-smc",)),
+    "alpha": (float, _AT_LEAST_1, tuple(POWER)),
+    "block_size": (int, _AT_LEAST_1, ("power-mh", "power-scalable")),
+    "n_mcmc": (int, _AT_LEAST_0, ("power-mh",)),
+    "n_particles": (int, _AT_LEAST_1, ("power-smc",)),
     "ess_threshold": (float, (lambda v: 0 < v <= 1, "in (0, 1]"), ("power-smc",)),
-    "alpha_ramp": (int, (lambda v: v >= 0, ">= 0"), ("power-smc",)),
+    "alpha_ramp": (int, _AT_LEAST_0, ("power-smc",)),
+    "variant": (str, (lambda v: v in ("token", "block"), "'token' or 'block'"), ("power-scalable",)),
+    "n_candidates": (int, _AT_LEAST_1, ("power-scalable",)),
+    "n_rollouts": (int, _AT_LEAST_1, ("power-scalable",)),
+    "horizon": (int, _AT_LEAST_1, ("power-scalable",)),
+    "n_proposals": (int, _AT_LEAST_1, ("power-scalable",)),
+    "jackknife": (bool, _ANY, ("power-scalable",)),
 }
-_POWER_PARAMS = ("alpha", "block_size", "n_mcmc", "n_particles", "ess_threshold", "alpha_ramp")
+_BATCHED_PARAMS = ("top_k", "threshold")        #: the others are PowerSampler settings
 
 
 @dataclass(frozen=True)
@@ -66,21 +79,24 @@ class Settings:
         return dict(self.power, method=POWER[self.method], top_k=self.top_k)
 
 
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _value(name: str, value, kind: type, rule=_ANY):
-    """``value`` as ``kind``, finite and passing ``rule``; a :class:`RequestError` naming ``name``
-    otherwise."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
+    """``value`` as ``kind`` (numbers finite), passing ``rule``; a :class:`RequestError` naming
+    ``name`` otherwise."""
+    if kind in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (kind is float or float(value).is_integer())
+    else:
+        ok = isinstance(value, kind)
     if not ok:
-        raise RequestError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
-                           param=name)
+        raise RequestError(400, f"{name} must be {_KINDS[kind]}{' (finite)' if kind is float else ''}, "
+                                f"got {value!r}", param=name)
     value = kind(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise RequestError(400, f"{name} must be finite, got {value}", param=name)
     test, requirement = rule
     if not test(value):
-        raise RequestError(400, f"{name} must be {requirement}, got {value}", param=name)
+        raise RequestError(400, f"{name} must be {requirement}, got {value!r}", param=name)
     return value
 
 
@@ -129,6 +145,6 @@ def settings_of(given: dict, *, available, default_temperature: float = 1.0) -> 
                                     f"noise (continuous batching), so a per-request seed could not reproduce them; "
                                     f"omit seed (got {seed}) or use temperature 0", param="seed")
     top_k = params.get("top_k") if temperature > 0 or method in POWER else None   # greedy ignores top_k
-    power = tuple(sorted((k, v) for k, v in params.items() if k in _POWER_PARAMS))
+    power = tuple(sorted((k, v) for k, v in params.items() if k not in _BATCHED_PARAMS))
     return Settings(method, temperature, top_k, params.get("threshold"), power,
                     seed if method in POWER else None)

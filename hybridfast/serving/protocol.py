@@ -53,6 +53,12 @@ class _Body(_Strict):
     n_particles: int | None = None
     ess_threshold: float | None = None
     alpha_ramp: int | None = None
+    variant: str | None = None
+    n_candidates: int | None = None
+    n_rollouts: int | None = None
+    horizon: int | None = None
+    n_proposals: int | None = None
+    jackknife: bool | None = None
 
     def stops(self) -> list:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -15,9 +15,10 @@ and reports them), then run at most one power job.
   distinct (method, temperature, top_k, threshold), created when first needed; at most
   ``max_schedulers`` exist, an idle one is dropped to make room, and a request that would need one
   more while all are busy is refused (503).
-* power-mh / power-smc are not continuously batched (their chains resample whole blocks): a power
-  job runs to completion on this thread between scheduler rounds, so while it runs the batched
-  requests wait. Its choices are its chains, decoded together.
+* the power methods are not continuously batched (MH and SMC chains resample whole blocks, the
+  scalable sampler branches into candidates and rollouts): a power job runs to completion on this
+  thread between scheduler rounds, so while it runs the batched requests wait. Its choices are
+  its chains, decoded together.
 """
 from __future__ import annotations
 
