@@ -139,6 +139,18 @@ def _bytes(cache: KVCache) -> int:
     return sum(t.numel() * t.element_size() for t in cache.kv)
 
 
+def _copy_rows(run: "_Run", cache: KVCache, rows: torch.Tensor, written: int, slots: int,
+               lengths: torch.Tensor) -> KVCache:
+    """A cache of ``slots`` slots per row holding ``cache``'s ``rows``: their first ``written``
+    slots copied (counted in ``run.copied_bytes``), the others zeroed; ``lengths`` held."""
+    kv = [t.new_zeros((rows.shape[0], t.shape[1], slots, t.shape[3])) for t in cache.kv]
+    for new, old in zip(kv, cache.kv):
+        torch.index_select(old[:, :, :written], 0, rows, out=new[:, :, :written])
+    copy = KVCache(kv, lengths, 0)
+    run.copied_bytes += _bytes(copy) // kv[0].shape[2] * written
+    return copy
+
+
 class _Branches:
     """``R`` rows per row of the batch that continue its sequence after its ``P + L`` cached
     tokens (candidates, block proposals, rollouts), all with the same number of own tokens fed so
@@ -157,9 +169,8 @@ class _Branches:
         m, N = run.m, run.N
         start = (run.P + run.L).repeat_interleave(R)            # position of each row's first own token
         if run.ps.prefix_kv == "copy":
-            cache = run.main.index_select(torch.arange(N, device=m.device).repeat_interleave(R))
-            cache.lengths.copy_(start)
-            run.copied_bytes += _bytes(cache)
+            rows, prefix = torch.arange(N, device=m.device).repeat_interleave(R), run.S + run.L
+            cache = _copy_rows(run, run.main, rows, prefix, prefix + capacity, start.clone())
             branches = cls(run, R, cache, start, 0, None)
         else:
             visible = torch.arange(run.S + run.L, device=m.device)[None, None, :] < (run.P + run.L)[:, None, None]
@@ -190,14 +201,15 @@ class _Branches:
 
     def select(self, local: torch.Tensor) -> "_Branches":
         """New branches whose row ``(b, j)`` copies row ``local[b, j]`` of this one's batch row ``b``
-        (``local [N, R']``)."""
+        (``local [N, R']``): the slots written so far, the rest zeroed."""
         N, R = local.shape
         rows = (torch.arange(N, device=local.device)[:, None] * self.R + local).reshape(-1)
-        cache = KVCache([t.index_select(0, rows) for t in self.cache.kv], self.cache.lengths.index_select(0, rows), 0)
-        new = _Branches(self.run, R, cache, self.start.index_select(0, rows), self.n, self.prefix_mask)
-        self.run.copied_bytes += _bytes(cache)
-        self.run.note_peak(self, new)
-        return new
+        written = self.n if self.prefix_mask is not None else self.run.S + self.run.L + self.n
+        cache = _copy_rows(self.run, self.cache, rows, written, self.cache.kv[0].shape[2],
+                           self.cache.lengths.index_select(0, rows))
+        branches = _Branches(self.run, R, cache, self.start.index_select(0, rows), self.n, self.prefix_mask)
+        self.run.note_peak(self, branches)
+        return branches
 
     def write_back(self, chosen: torch.Tensor, n: int) -> None:
         """Copy the K/V of the first ``n`` own tokens of row ``chosen[b]`` of each batch row ``b`` into
