@@ -3,7 +3,7 @@ per problem and per output token: seconds, token-forwards and peak K/V cache byt
 scalable sampler's candidate/proposal/rollout rows reading one shared copy of each prefix
 (``prefix_kv="shared"``, cascade attention) or holding their own copies (``"copy"``).
 
-    python bench/bench_scalable.py                                       # SmolLM2-135M (real weights), CPU
+    python bench/bench_scalable.py                                       # SmolLM2-135M, GSM8K prompts, CPU
     python bench/bench_scalable.py --config qwen2.5-1.5b --dtype bf16 --T 64 --horizon 32 \\
         --n-candidates 8 --n-rollouts 8 --problems 8                     # bundled 1.5B config (random weights), GPU
     python bench/bench_scalable.py --smoke                               # tiny random model, seconds
@@ -72,8 +72,9 @@ def _parser() -> ArgumentParser:
 
 
 def _model(a):
-    """``(model, prompts, eos_token_id, name)``: GSM8K questions in the power template for a real
-    model (its EOS ends answers), random prompts and no EOS for a bundled config."""
+    """``(model, prompts, eos_token_id, name)``: GSM8K questions in the base task template for a
+    real model (its EOS ends answers; SmolLM2-Instruct ends at once after the power template, as
+    the demo found), random prompts and no EOS for a bundled config."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16).get(a.dtype)
     if a.config:
@@ -83,10 +84,10 @@ def _model(a):
         prompts = torch.randint(3, cfg["vocab_size"], (a.problems, a.prompt_len), generator=g).tolist()
         return model, prompts, -1, a.config
     from hybridfast.datasets import load_problems
-    from hybridfast.prompts import power_prompt
+    from hybridfast.prompts import base_prompt
     model, tok = load_model(a.model, dtype=dtype, device=dev)
     questions = [p["question"] for p in load_problems("gsm8k", "test", limit=a.problems)]
-    prompts = [tok(power_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
+    prompts = [tok(base_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
     return model, prompts, tok.eos_token_id, os.path.basename(a.model.rstrip("/")).lower()
 
 
