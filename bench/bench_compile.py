@@ -1,7 +1,8 @@
 """Eager vs compiled decode steps on a real model (default: the embedded SmolLM2-135M-Instruct),
-next to Hugging Face ``generate``: tokens/s of plain, routed, paper and MH at each batch size.
+next to Hugging Face ``generate``: tokens/s of plain, routed, paper, MH and SMC at each batch size.
 
-    python bench/bench_compile.py                                   # SmolLM2, CPU
+    python bench/bench_compile.py                                   # SmolLM2, CPU, B = 1 8 32
+    python bench/bench_compile.py --config qwen2.5-1.5b --batch 1 8 --new-tokens 8   # random weights
     python bench/bench_compile.py --model Qwen/Qwen2.5-1.5B --batch 1 8 32 --dtype bf16   # GPU
 
 One model plays both hybrid sides (random SAE and vectors of the right shapes: speed does not
@@ -23,6 +24,7 @@ from common import add_output_flags, env_info, result_path, sync, table, write  
 from hybridfast import HybridModel, PowerSampler  # noqa: E402
 from hybridfast.engine import Engine  # noqa: E402
 from hybridfast.models import DEFAULT_MODEL, load_model  # noqa: E402
+from hybridfast.tiny import bundled_config, model_from_config  # noqa: E402
 
 
 def timed(fn):
@@ -58,15 +60,19 @@ def run(model, tok, batches, T, modes, prompt_len=48):
     for B in batches:
         prompts = torch.randint(10, V, (B, prompt_len), generator=g).tolist()
         for compiled, (eng, hr, hp) in variants.items():
-            ps = PowerSampler(model, alpha=4.0, block_size=T // 4, n_mcmc=2, max_new_tokens=T,
-                              eos_token_id=-1, compile=compiled)
+            power = dict(alpha=4.0, block_size=max(1, T // 4), n_mcmc=2, max_new_tokens=T,
+                         eos_token_id=-1, compile=compiled)
+            ps = dict(mh=PowerSampler(model, **power),
+                      smc=PowerSampler(model, method="smc", n_particles=4, **power))
             fns = dict(plain=lambda: eng.generate(prompts, T, eos_token_id=-1),
                        routed=lambda: hr.generate(prompts, prompts, T, eos_token_id=-1),
                        paper=lambda: hp.generate(prompts, prompts, T, eos_token_id=-1),
-                       mh=lambda: ps.sample(prompts, generator=torch.Generator().manual_seed(2)))
+                       mh=lambda: ps["mh"].sample(prompts, generator=torch.Generator().manual_seed(2)),
+                       smc=lambda: ps["smc"].sample(prompts, generator=torch.Generator().manual_seed(2)))
             for name in modes:
                 first, dt = timed(fns[name])
-                toks = ps.last_stats["decoded_tokens"] if name == "mh" else B * T
+                # power modes: tokens decoded (proposals, particles), the work per second
+                toks = ps[name].last_stats["decoded_tokens"] if name in ps else B * T
                 rows.append(dict(B=B, mode=name, compiled=compiled, tok_s=toks / dt,
                                  first_call_s=first, seconds=dt))
                 print(rows[-1], flush=True)
@@ -81,16 +87,20 @@ def run(model, tok, batches, T, modes, prompt_len=48):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--config", help="a bundled config with random weights instead of --model (e.g. qwen2.5-1.5b)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--modes", nargs="+", default=["plain", "routed", "paper", "mh"])
+    ap.add_argument("--modes", nargs="+", default=["plain", "routed", "paper", "mh", "smc"])
     ap.add_argument("--dtype", default=None, choices=[None, "fp32", "bf16"])
     add_output_flags(ap)
     a = ap.parse_args(argv)
-    out = result_path(ap, a, "compile-" + os.path.basename(a.model.rstrip("/")).lower())
+    out = result_path(ap, a, "compile-" + (a.config or os.path.basename(a.model.rstrip("/")).lower()))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16).get(a.dtype)
-    model, tok = load_model(a.model, dtype=dtype, device=dev)
+    if a.config:
+        model, tok = model_from_config(bundled_config(a.config), dtype=dtype or torch.float32, device=dev), None
+    else:
+        model, tok = load_model(a.model, dtype=dtype, device=dev)
     with torch.inference_mode():
         rows = run(model, tok, a.batch, a.new_tokens, a.modes)
     for r in rows:
