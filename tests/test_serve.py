@@ -10,6 +10,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from pathlib import Path
 
 import httpx
 import openai
@@ -417,3 +418,15 @@ def test_import_hybridfast_does_not_import_the_server_stack():
             "print([m for m in ('fastapi', 'uvicorn', 'starlette', 'lm_eval', 'openai') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stdout.strip()) == (0, "[]"), r.stderr
+
+
+def test_bench_serve_smoke(tmp_path):
+    """bench/bench_serve.py --smoke runs and writes one row per concurrency level."""
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, "bench/bench_serve.py", "--smoke", "--out", str(out)],
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["clients"] for row in rows] == [1, 2]
+    assert all(row["requests"] == 3 and row["completion_tokens"] >= 3 and row["p99_s"] >= row["p50_s"] > 0
+               for row in rows)
