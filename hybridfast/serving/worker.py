@@ -267,7 +267,7 @@ class Worker:
                 self._send(self.routes[cid], cid, r.ids, self._finish_reason(r.ids))
 
     def _finish_reason(self, tokens: list) -> str:
-        return "stop" if tokens and tokens[-1] == self.models.tokenizer.eos_token_id else "length"
+        return "stop" if tokens and tokens[-1] in self.models.eos_ids else "length"
 
     def _send(self, route: _Route, cid: int, tokens: list, finish_reason: str | None) -> None:
         if finish_reason is not None:
