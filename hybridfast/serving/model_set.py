@@ -40,7 +40,8 @@ class ModelSet:
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.m.vocab_size
+        """Token ids a prompt may hold: ``[0, vocab_size)`` (the base model's output width)."""
+        return self.base.lm_head.out_features
 
     @cached_property
     def eos_ids(self) -> list:

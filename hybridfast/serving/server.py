@@ -120,6 +120,8 @@ class Server:
 
     # ------------------------------------------------------------------ checks and prompts
     def settings(self, body) -> Settings:
+        """The request's settings, after the checks every request gets (model, unsupported
+        fields, ``n``)."""
         if body.model != self.models.name:
             raise RequestError(404, f"model {body.model!r} is not served here; this server serves "
                                     f"{self.models.name!r}", param="model", code="model_not_found")
@@ -129,6 +131,7 @@ class Server:
         return settings_of(method_fields(body), available=self.models.methods)
 
     def _ids(self, prompt, i: int) -> list:
+        """Token-id prompt ``i``, its ids checked against the vocabulary."""
         vocab = self.models.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
