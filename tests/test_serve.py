@@ -26,7 +26,7 @@ from hybridfast.serving.app import BackgroundServer, create_app
 from hybridfast.serving.model_set import ModelSet
 from hybridfast.tiny import tiny_pair, tiny_tokenizer
 
-from .helpers import router_and_vectors
+from .helpers import router_and_vectors, steering_artifacts
 
 SAE_LAYER, STEER_LAYER = 1, 2
 # a prompt whose greedy continuation has no EOS in its first LONG tokens (checked below): a
@@ -430,3 +430,30 @@ def test_bench_serve_smoke(tmp_path):
     assert [row["clients"] for row in rows] == [1, 2]
     assert all(row["requests"] == 3 and row["completion_tokens"] >= 3 and row["p99_s"] >= row["p50_s"] > 0
                for row in rows)
+
+
+def test_artifact_folders_load_as_the_other_commands_and_set_routing(tmp_path):
+    from hybridfast.errors import UserError
+    from hybridfast.serving.methods import METHODS, Settings
+    from hybridfast.serving.model_set import load_model_set
+    from hybridfast.serving.worker import Job, Tokens, Worker
+    sae, vec = steering_artifacts(tmp_path, threshold=1e9)          # a threshold nothing passes
+    models = load_model_set("tiny", sae=sae, vectors=vec)
+    assert models.methods == METHODS and models.routing == dict(threshold=1e9)
+    assert (models.steering.sae_layer, models.steering.steer_layer) == (3, 2)
+    with pytest.raises(UserError, match="--sae and --vectors go together"):
+        load_model_set("tiny", sae=sae)
+    # a routed request without a threshold uses the one the vectors record
+    ids = encode(models, "Mishka bought 3 pairs of shorts")
+    got = []
+    worker = Worker(models, rows=2, max_model_len=64, max_schedulers=1)
+    worker.submit(Job(Settings("hybrid-routed"), [(ids, ids)], 16, worker.new_ids(1),
+                      lambda ev: got.extend(ev.tokens if isinstance(ev, Tokens) else [])))
+    worker.drain()
+    st = models.steering
+    routed = {thr: HybridModel(models.base, models.thinking, st.sae, st.vectors, sae_layer=3, steer_layer=2,
+                               mode="routed", threshold=thr).generate([ids], [ids], 16,
+                                                                       eos_token_id=models.tokenizer.eos_token_id)[0]
+              for thr in (1e9, None)}
+    assert got == routed[1e9].ids and not any(routed[1e9].steered)
+    assert got != routed[None].ids                  # the default threshold would have steered
