@@ -11,12 +11,13 @@ M=smollm2-135m
 # one prompt for every base-model method: SmolLM2 answers the paper's boxed-answer power
 # prompt with EOS at once, so low-temp and the power methods read the base task prompt too
 BASE=$'Task: Answer the question below. Explain your reasoning step by step.\n\n\n\nQuestion:\n{q}\n\nStep by step answer:\n'
-[ -d "$OUT/demo/vectors" ] || hybridfast demo --out "$OUT/demo"
 common=(--model "$M" --limit "$N" --max-new-tokens "$T" --batch-size 16 --out "$OUT")
 hybridfast eval --method base "${common[@]}"
 hybridfast eval --method low-temp --power-template "$BASE" "${common[@]}"
-hybridfast eval --method hybrid-routed --thinking "$M" --sae "$OUT/demo/sae" --vectors "$OUT/demo/vectors" "${common[@]}"
-hybridfast eval --method hybrid-paper --thinking "$M" --sae "$OUT/demo/sae" --vectors "$OUT/demo/vectors" "${common[@]}"
 hybridfast eval --method power-mh --power-template "$BASE" "${common[@]}"
 hybridfast eval --method power-smc --power-template "$BASE" "${common[@]}"
+# the hybrid methods need an SAE and vectors: the demo's (it resumes its vector training)
+[ -d "$OUT/demo/vectors" ] || hybridfast demo --out "$OUT/demo"
+hybridfast eval --method hybrid-routed --thinking "$M" --sae "$OUT/demo/sae" --vectors "$OUT/demo/vectors" "${common[@]}"
+hybridfast eval --method hybrid-paper --thinking "$M" --sae "$OUT/demo/sae" --vectors "$OUT/demo/vectors" "${common[@]}"
 hybridfast report "$OUT"
