@@ -35,7 +35,8 @@ decision's candidates, proposals and rollouts are extra rows that continue the r
 ``prefix_kv="shared"`` (default): they hold only their own tokens' K/V and attend over the
 single cached copy of the prefix (``DecoderModel.shared_prefix_block``: a softmax partial over
 the prefix and one over the row's own tokens, merged by log-sum-exp). ``prefix_kv="copy"``: each
-such row gets a copy of the prefix cache (the copy-on-write alternative; same samples). The
+such row gets a copy of the prefix cache (the copy-on-write alternative; the same samples up
+to float rounding at near-ties). The
 chosen candidate's K/V are copied into the row's cache, so the output itself costs no forward.
 Token-forwards per decision of the token variant: ``K`` (candidates) + ``K M (h - 1)`` (the
 rollouts' tokens but the last, whose log-probability comes from the step before), ``h = min(H,
