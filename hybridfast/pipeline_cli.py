@@ -41,9 +41,20 @@ def _discover_parser() -> ArgumentParser:
     ap.add_argument("--K", type=int, nargs="+", default=[5], help="numbers of categories (default: %(default)s)")
     ap.add_argument("--k", type=int, default=3, help="active latents per sentence (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    ap.add_argument("--stability-seeds", type=int, default=3,
+                    help="SAEs trained with seeds SEED.. on the traces minus a held-out fifth; the mean and least "
+                         "adjusted Rand index of their categories of the held-out sentences go into taxonomy.json "
+                         "and sweep.json (1 = same categories whatever the seed); costs that many extra SAE "
+                         "trainings per setting; 0 skips (default: %(default)s)")
     ap.add_argument("--out", default="runs/taxonomy", help="output folder (default: %(default)s)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return ap
+
+
+def _stability_fields(taxonomy: dict) -> dict:
+    """The sweep row's view of ``taxonomy["stability"]`` (none when it was skipped)."""
+    st = taxonomy.get("stability")
+    return dict(mean_ari=st["mean_ari"], min_ari=st["min_ari"]) if st else {}
 
 
 def discover_main(argv=None):
@@ -52,6 +63,8 @@ def discover_main(argv=None):
     from .artifact_settings import load_artifact
     a = _discover_parser().parse_args(argv)
     with reported(a.debug):
+        if a.stability_seeds < 0 or a.stability_seeds == 1:
+            raise UserError(f"--stability-seeds must be 0 (skip) or >= 2 (seeds to compare), got {a.stability_seeds}")
         traces = load_artifact(read_jsonl, a.traces, "--traces") if a.traces else None
         side = load_side(a.model, "thinking", seed=a.seed, dtype=a.dtype, tokenizer=a.tokenizer)
     model, tok = side.model, side.tokenizer
@@ -64,14 +77,19 @@ def discover_main(argv=None):
         traces = generate_traces(model, tok, [p["question"] for p in probs],
                                  max_new_tokens=a.max_new_tokens, progress=True)
     write_jsonl(out / "traces.jsonl", traces)
+    with reported(a.debug):
+        if a.stability_seeds and len(traces) < 2:
+            raise UserError(f"--stability-seeds {a.stability_seeds} holds out whole traces and needs >= 2, got "
+                            f"{len(traces)}; pass --stability-seeds 0 to skip it")
     sweep = []
     for L in a.layers:
         for K in a.K:
             sae, tax, ann = discover(traces, model, tok, layer=L, n_latents=K, k=min(a.k, K),
-                                     seed=a.seed, progress=True)
+                                     seed=a.seed, progress=True, stability_seeds=a.stability_seeds)
             folder = write_discovery(out / f"sae-L{L}-K{K}", sae, tax, ann, traces, layer=L, model_id=side.model_id)
             sweep.append(dict(layer=L, K=K, folder=str(folder), **{k: v for k, v in tax["metrics"].items()
-                                                                     if k != "counts"}))
+                                                                     if k != "counts"},
+                              **_stability_fields(tax)))
             print(json.dumps(sweep[-1]))
     (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
     print(f"taxonomy written to {out}")

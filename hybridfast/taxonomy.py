@@ -19,7 +19,7 @@ from .checkpoints import claim_checkpoint, digest
 from .engine import Engine
 from .io import read_jsonl, save_sae, write_jsonl
 from .prompts import base_prompt, thinking_prompt
-from .sae import preprocess, taxonomy_metrics, train_topk_sae
+from .sae import assignment_stability, preprocess, taxonomy_metrics, train_topk_sae
 from .sentences import extract_thinking
 from .steering import VectorExample, train_vectors
 
@@ -61,8 +61,15 @@ class Annotated:
 
 def discover(traces: list[dict], model, tokenizer, *, layer: int, n_latents: int = 5, k: int = 3,
              labeller: Optional[Callable] = None, n_examples: int = 8, seed: int = 0,
-             batch_size: int = 8, progress: bool = False, sae_kwargs: Optional[dict] = None):
-    """Fit the SAE on the traces' sentence activations. Returns ``(sae, taxonomy, annotated)``."""
+             batch_size: int = 8, progress: bool = False, sae_kwargs: Optional[dict] = None,
+             stability_seeds: int = 3):
+    """Fit the SAE on the traces' sentence activations. Returns ``(sae, taxonomy, annotated)``.
+
+    With ``stability_seeds`` = n >= 2, ``taxonomy["stability"]`` is
+    :func:`~hybridfast.sae.assignment_stability` for seeds ``seed .. seed + n - 1`` on held-out
+    traces (n more SAE trainings); 0 skips it."""
+    if stability_seeds < 0 or stability_seeds == 1:
+        raise ValueError(f"stability_seeds must be 0 (skip) or >= 2, got {stability_seeds}")
     thinking = [t["thinking"] for t in traces]
     prefixes = [t["prompt"] for t in traces]
     X, recs = sentence_activations(model, tokenizer, prefixes, thinking, layer, batch_size=batch_size,
@@ -89,6 +96,9 @@ def discover(traces: list[dict], model, tokenizer, *, layer: int, n_latents: int
     taxonomy = dict(layer=layer, n_latents=n_latents, k=k, n_sentences=len(recs),
                     metrics=taxonomy_metrics(sae, Xp), sae_epochs=res.epochs,
                     best_val_fvu=res.best_val_fvu, categories=cats)
+    if stability_seeds:
+        taxonomy["stability"] = assignment_stability(Xp, n_latents, k, seeds=range(seed, seed + stability_seeds),
+                                                     groups=rid, **(sae_kwargs or {}))
     trace_off = [len(p) for p in prefixes]
     ann = Annotated([r.trace for r in recs], [r.index for r in recs], [r.text for r in recs],
                     [r.start - trace_off[r.trace] for r in recs], cat, act)

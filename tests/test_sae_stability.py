@@ -1,5 +1,8 @@
 """Taxonomies that do not depend on the seed: planted directions recovered by every seed, the
 adjusted Rand index against hand-computed cases, and the stability figure across seeds."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -95,3 +98,24 @@ def test_stability_holds_out_whole_groups():
     assert st["n_heldout"] == 80 and st["seeds"] == [3, 4] and -1 <= st["min_ari"] <= 1
     with pytest.raises(ValueError, match="cannot hold out 20% of 400 rows as whole groups .*: 1 group"):
         assignment_stability(Xp, 4, 2, groups=torch.zeros(400))
+
+
+def test_discover_sweep_reports_stability(tmp_path, capsys):
+    """`hybridfast discover` puts the stability figure in taxonomy.json and in each sweep row, and
+    refuses a seed count that compares nothing."""
+    from hybridfast.pipeline_cli import discover_main
+    from hybridfast.prompts import thinking_prompt
+    from hybridfast.tiny import tiny_tokenizer
+    from tests.helpers import refused
+    assert "--stability-seeds must be 0 (skip) or >= 2" in refused(["--stability-seeds", "1"], capsys, discover_main)
+    data = Path(__file__).resolve().parents[1] / "hybridfast" / "data" / "gsm8k_train_sample.jsonl"
+    tok = tiny_tokenizer()
+    traces = [dict(question=r["question"], prompt=thinking_prompt(tok, r["question"]), thinking=r["answer"],
+                   response=r["answer"]) for r in map(json.loads, data.read_text().splitlines()[:16])]
+    (tmp_path / "traces.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
+    discover_main(["--traces", str(tmp_path / "traces.jsonl"), "--K", "3", "--stability-seeds", "2",
+                   "--out", str(tmp_path / "tx")])
+    row = json.loads((tmp_path / "tx" / "sweep.json").read_text())[0]
+    st = json.loads((tmp_path / "tx" / "sae-L2-K3" / "taxonomy.json").read_text())["stability"]
+    assert st["seeds"] == [0, 1] and row["mean_ari"] == row["min_ari"] == st["pairwise"][0][2]
+    assert st["n_heldout"] >= 2 and -1 <= st["mean_ari"] <= 1
