@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hybridfast
+from hybridfast import cli
 from hybridfast.eval import ResultsLog, main, routed_steered_tokens, run_eval
 from hybridfast.io import load_vectors
 from hybridfast.provenance import text_hash
@@ -307,10 +308,8 @@ class _Parsed(Exception):
         self.parser = parser
 
 
-@pytest.mark.parametrize("command", ["demo", "eval", "report", "discover", "train-vectors", "power-sample", "bench",
-                                     "bench-power"])
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_every_command_and_flag_has_help(command, monkeypatch):
-    from hybridfast import cli
 
     def capture(self, *a, **k):
         raise _Parsed(self)
