@@ -34,7 +34,7 @@ def split(n_dirs):
 @pytest.mark.parametrize("n_dirs,k", [(8, 3), (8, 1), (12, 3)])
 def test_every_seed_recovers_planted_directions(n_dirs, k):
     Xt, Xh, yh = split(n_dirs)
-    got = [purity(train_topk_sae(Xt, n_dirs, k, seed=s).sae.categorize(Xh), yh) for s in (0, 1, 2)]
+    got = [purity(train_topk_sae(Xt, n_dirs, k, seed=s).sae.categorize(Xh), yh) for s in range(5)]
     assert min(got) >= 0.95, got
 
 
