@@ -59,6 +59,20 @@ class KVCache:
             t[:, :, :n].index_copy_(0, rows, o)
         self.lengths.index_copy_(0, rows, other.lengths)
 
+    def copy_(self, other: "KVCache") -> None:
+        """In place: this cache becomes a copy of ``other`` (same shape), KV and lengths."""
+        for t, o in zip(self.kv, other.kv):
+            t.copy_(o)
+        self.lengths.copy_(other.lengths)
+
+    def where_rows_(self, mask: torch.Tensor, other: "KVCache") -> None:
+        """In place: rows where ``mask [B]`` is true become ``other``'s rows (same shape), KV and
+        lengths (an accepted proposal's rows; the others are left as they are)."""
+        m = mask.view(-1, 1, 1, 1)
+        for t, o in zip(self.kv, other.kv):
+            torch.where(m, o, t, out=t)
+        torch.where(mask, other.lengths, self.lengths, out=self.lengths)
+
     def copy_rows_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """In place: rows ``dst`` become copies of rows ``src`` (KV and lengths)."""
         for t in self.kv:

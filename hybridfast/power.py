@@ -19,8 +19,16 @@ Engine: the prompt is prefilled once per chain. A proposal copies the chain's ca
 proposal cache (memory copy, no forward), re-feeds the token before ``m`` and decodes only the
 suffix; on accept the proposal's rows are copied back, on reject nothing is recomputed.
 ``reuse=False`` re-encodes prompt + prefix for every proposal (what the official code spends) and
-gives the same chains for the same seed. Chains of all prompts (``n_chains`` per prompt) advance
-in one batch; rows that are done idle (they re-feed their last token, rewriting identical KV).
+gives the same chains for the same seed. A chain's state is a :class:`~hybridfast.chains.Chains`
+row; the proposal is a clone, accepting is one masked write of the chains and of the cache rows.
+
+By default chains of all prompts (``n_chains`` per prompt) advance in one batch, block by block;
+rows that are done idle (they re-feed their last token, rewriting identical KV). ``rows=R``
+(:meth:`PowerSampler.stream`) keeps at most ``R`` chains in the cache and works in rounds: each
+live chain extends by up to one block to its own cap, then runs ``n_mcmc`` MH steps with its own
+cap and Hastings term (exactly the per-row MH above); chains that ended leave after the round and
+queued chains are prefilled into their rows. Both count decode steps and idle row-steps (rows
+stepped while their chain had nothing to do) in ``last_stats``.
 
 ``method="smc"`` — Power-SMC: ``n_particles`` per prompt decoded in one batch with the same
 proposal, incremental log-weights ``alpha * lp - lq``, multinomial resampling (KV rows copied by
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,7 +53,8 @@ import torch
 
 from . import ops, scalable
 from .compiled import bucketed, compile_options, compile_step, new_cache
-from .engine import DecoderModel, _eos_ids, pad_id, pad_prompts
+from .chains import Chains
+from .engine import DecoderModel, _eos_ids, pad_id
 from .model import KVCache
 from .ops.rng import RandomStream
 
@@ -170,13 +180,13 @@ class PowerSampler:
         return ops.sample_logprobs(logits, temperature, top_k=self.top_k, seed=rng.next_seed(),
                                    check_nan=False)
 
-    def prefill(self, cache, tokens, n_tokens, st=None, tcache=None):
-        """Encode ``tokens[b, :n_tokens[b]]`` into ``cache`` from slot 0 (one parallel pass) and
+    def prefill(self, cache, ch: Chains, n_tokens, tcache=None):
+        """Encode ``ch.tokens[b, :n_tokens[b]]`` into ``cache`` from slot 0 (one parallel pass) and
         return the logits at each row's last position. With ``steer=`` the thinking model encodes
-        its own prompt plus the same generated tokens (``st["tt"]``) up to ``sae_layer``, and every
+        its own prompt plus the same generated tokens (``ch.tt``) up to ``sae_layer``, and every
         position from the last prompt position on is steered by ``route_steer`` (as it was when
         generated)."""
-        m = self.m
+        m, tokens = self.m, ch.tokens
         S = int(n_tokens.max())
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device)
@@ -186,17 +196,17 @@ class PowerSampler:
             h = m.run(h, plan, cache, 0, m.n_layers)
             return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
         hm, mt = self.steer, self.steer.thinking.m
-        gen_len = n_tokens - st["P"]
-        tn = st["Pt"] + gen_len
+        gen_len = n_tokens - ch.P
+        tn = ch.Pt + gen_len
         St = int(tn.max())
-        xt = mt.run(mt.embed(st["tt"][:, :St]), mt.prefill_plan(tn, St, tcache, St), tcache, 0,
+        xt = mt.run(mt.embed(ch.tt[:, :St]), mt.prefill_plan(tn, St, tcache, St), tcache, 0,
                     hm.sae_layer + 1)
         L = hm.steer_layer
         h = m.run(h, plan, cache, 0, L)
         j = torch.arange(S, device=tokens.device)[None, :]
-        k = j - (st["P"][:, None] - 1)                    # offset from the last prompt position
+        k = j - (ch.P[:, None] - 1)                    # offset from the last prompt position
         valid = (k >= 0) & (j < n_tokens[:, None])
-        tj = (st["Pt"][:, None] - 1 + k).clamp(0, St - 1)
+        tj = (ch.Pt[:, None] - 1 + k).clamp(0, St - 1)
         x = xt[rows[:, None], tj]
         out, _ = hm.route(h.reshape(B * S, -1), x.reshape(B * S, -1), False)
         h = torch.where(valid[..., None], out.view_as(h), h)
@@ -219,13 +229,13 @@ class PowerSampler:
         m.run(m.embed(tokens[rows[:, None], pos]), m.plan(pos, slots, visible), cache, 0, m.n_layers)
         return int(n.sum())
 
-    def _forward_one(self, cache, st, L, tcache=None):
+    def _forward_one(self, cache, ch: Chains, tcache=None):
         """Logits after feeding each row's last token (position ``P + L - 1``); steered when
         ``steer=`` is set (the thinking model reads the same token at its own position)."""
         if self.steer is None:
-            return self._step(st["tokens"], st["P"], L, cache.lengths, cache.kv, cache.scratch)
-        return self._step(st["tokens"], st["P"], L, cache.lengths, cache.kv, cache.scratch,
-                          st["tt"], st["Pt"], tcache.lengths, tcache.kv)
+            return self._step(ch.tokens, ch.P, ch.lengths, cache.lengths, cache.kv, cache.scratch)
+        return self._step(ch.tokens, ch.P, ch.lengths, cache.lengths, cache.kv, cache.scratch,
+                          ch.tt, ch.Pt, tcache.lengths, tcache.kv)
 
     def _forward_one_eager(self, tokens, P, L, lengths, kv, scratch: int, tt=None, Pt=None,
                            tlengths=None, tkv=None):
@@ -246,47 +256,34 @@ class PowerSampler:
                                               tt.shape[1])
         return logits
 
-    def _decode(self, st, cache, L, cap, max_steps, rng, first_logits=None, tcache=None):
-        """Extend rows of state ``st`` (tokens/lp/lq/eos) from gen length ``L`` until EOS or
-        ``cap``. Returns ``(L, forwards)`` with forwards a device scalar."""
-        P = st["P"]
-        N = L.shape[0]
-        rows = torch.arange(N, device=L.device)
-        fw = torch.zeros((), dtype=torch.int64, device=L.device)
+    def _decode(self, ch: Chains, cache, cap, max_steps: int, rng, counts: "_Counts", first=None,
+                fresh=None, tcache=None):
+        """Extend the rows of ``ch`` with the proposal until EOS or ``cap [N]`` (at most
+        ``max_steps`` tokens). ``first``: logits of every row's first token (from a prefill), or
+        with ``fresh`` only of the rows where it is true (the others take a decode step first)."""
         temp = 1.0 / self.alpha
-        eos = torch.tensor(self.eos or [-1], device=L.device)
-        active = (~st["eos"]) & (L < cap)
+        eos = torch.tensor(self.eos or [-1], device=cap.device)
+        active = ~ch.eos & (ch.lengths < cap)
         for t in range(max_steps):
-            if first_logits is not None and t == 0:
-                logits = first_logits
+            if t == 0 and first is not None and fresh is None:
+                logits = first
             else:
-                logits = self._forward_one(cache, st, L, tcache)
-                fw += active.sum()
+                logits = self._forward_one(cache, ch, tcache)
+                counts.step(active & ~fresh if t == 0 and first is not None else active, active)
+                if t == 0 and first is not None:
+                    logits = torch.where(fresh[:, None], first, logits)
             tok, lp, lq = self._sample(logits, temp, rng)
-            idx = (P + L).clamp_max(st["tokens"].shape[1] - 1)
-            gi = L.clamp_max(st["lp"].shape[1] - 1)
-            st["tokens"][rows, idx] = torch.where(active, tok, st["tokens"][rows, idx])
-            if "tt" in st:
-                ti = (st["Pt"] + L).clamp_max(st["tt"].shape[1] - 1)
-                st["tt"][rows, ti] = torch.where(active, tok, st["tt"][rows, ti])
-            st["lp"][rows, gi] = torch.where(active, lp, st["lp"][rows, gi])
-            st["lq"][rows, gi] = torch.where(active, lq, st["lq"][rows, gi])
-            st["eos"] = st["eos"] | (active & torch.isin(tok, eos))
-            L = L + active.long()
-            active = active & ~st["eos"] & (L < cap)
+            ch.append_(tok, lp, lq, active)
+            ch.eos = ch.eos | (active & torch.isin(tok, eos))
+            active = active & ~ch.eos & (ch.lengths < cap)
             if (t + 1) % self.sync_every == 0 and not bool(active.any()):
                 break
-        return L, fw
 
     # ------------------------------------------------------------------ public
-    @torch.inference_mode()
-    def sample(self, prompts, *, n_chains: int = 1, generator: Optional[torch.Generator] = None,
-               thinking_prompts=None):
-        """Power-sample every prompt (``n_chains`` independent chains each for MH; for SMC one
-        selected particle per prompt and chain). With ``steer=``, ``thinking_prompts`` gives the
-        thinking model's prompt per problem. Returns a list of :class:`PowerResult`."""
+    def _chains(self, prompts, n_chains: int, thinking_prompts):
+        """Per chain: its prompt, its prompt's index, and its thinking prompt (``steer=``)."""
         pr = self._encode(prompts)
-        rows = [i for i in range(len(pr)) for _ in range(n_chains)]
+        index = [i for i in range(len(pr)) for _ in range(n_chains)]
         tp = None
         if self.steer is not None:
             if thinking_prompts is None or len(thinking_prompts) != len(pr):
@@ -295,219 +292,376 @@ class PowerSampler:
             for i, p in enumerate(tp):
                 if not p:
                     raise ValueError(f"thinking prompt {i} is empty")
-            tp = [tp[i] for i in rows]
-        rng = RandomStream(generator, self.m.device)
-        if self.method == "scalable":
-            return scalable.sample(self, [pr[i] for i in rows], rows, rng)
+            tp = [tp[i] for i in index]
+        return [pr[i] for i in index], index, tp
+
+    @torch.inference_mode()
+    def sample(self, prompts, *, n_chains: int = 1, generator: Optional[torch.Generator] = None,
+               thinking_prompts=None, rows: Optional[int] = None):
+        """Power-sample every prompt (``n_chains`` independent chains each for MH; for SMC one
+        selected particle per prompt and chain). With ``steer=``, ``thinking_prompts`` gives the
+        thinking model's prompt per problem. MH only: ``rows=R`` keeps at most ``R`` chains in the
+        cache with continuous batching (see :meth:`stream`); by default every chain gets a row.
+        Returns a list of :class:`PowerResult`, chains of a prompt together, in prompt order."""
+        if rows is not None and self.method != "mh":
+            raise NotImplementedError("rows= (continuous batching) is supported with method='mh' only")
         if self.method == "smc":
-            return self._smc([pr[i] for i in rows], rows, rng)
-        return self._mh([pr[i] for i in rows], rows, rng, tp)
+            return self._smc(*self._chains(prompts, n_chains, None)[:2], RandomStream(generator, self.m.device))
+        if self.method == "scalable":
+            return scalable.sample(self, *self._chains(prompts, n_chains, None)[:2],
+                                   RandomStream(generator, self.m.device))
+        out = {}
+        for group in self._stream(prompts, n_chains, rows, generator, thinking_prompts):
+            out.update(group)
+        totals = {k: v for k, v in self.last_stats.items() if k != "trace"}
+        for r in out.values():
+            r.stats.update(totals)
+        return [out[i] for i in range(len(out))]
+
+    @torch.inference_mode()
+    def stream(self, prompts, *, rows: int, n_chains: int = 1,
+               generator: Optional[torch.Generator] = None, thinking_prompts=None):
+        """MH with continuous batching: at most ``rows`` chains live in the cache. Work proceeds in
+        rounds (each live chain extends by up to one block to its own cap, then ``n_mcmc`` MH
+        steps); after each round the chains that ended (EOS, or their last block done) leave and
+        queued chains are prefilled into the freed rows. Yields the results of each round that
+        finished some, in the order they finish (``prompt_index`` says whose); ``last_stats`` is
+        set once the stream is exhausted. Every chain is an exact MH chain on p^alpha, but its
+        random draws depend on the schedule: same prompts, ``rows`` and seed, same output."""
+        if self.method != "mh":
+            raise NotImplementedError("stream() is MH with continuous batching (method='mh')")
+        for group in self._stream(prompts, n_chains, rows, generator, thinking_prompts):
+            yield list(group.values())
+
+    def _stream(self, prompts, n_chains, rows, generator, thinking_prompts):
+        if rows is not None and int(rows) < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        chain_prompts, index, tp = self._chains(prompts, n_chains, thinking_prompts)
+        rng = RandomStream(generator, self.m.device)
+        return self._mh(chain_prompts, index, rng, tp, rows)
 
     # ------------------------------------------------------------------ MH
-    def _mh(self, prompts, prompt_index, rng, thinking_prompts=None):
+    def _mh(self, prompts, prompt_index, rng, thinking=None, rows=None):
+        """Run MH chains for ``prompts`` in ``rows`` cache rows (default: one each); yields
+        ``{chain: PowerResult}`` for the chains of each round that finished some."""
         t0 = time.perf_counter()
-        m, dev = self.m, self.m.device
-        N, T = len(prompts), self.max_new_tokens
-        pad = pad_id(self.eos)
-        ids, P = pad_prompts(prompts, pad, dev)
-        width = bucketed(ids.shape[1] + T + 1, self.compile_options)
-        cur = dict(P=P, tokens=torch.full((N, width), pad, dtype=torch.int64, device=dev),
-                   lp=torch.zeros(N, T + 1, device=dev), lq=torch.zeros(N, T + 1, device=dev),
-                   eos=torch.zeros(N, dtype=torch.bool, device=dev))
-        cur["tokens"][:, : ids.shape[1]] = ids
-        cache = new_cache(m, N, width, self.compile_options)
-        in_place = self.reuse and self.reject == "reprefill"
-        pcache = cache if in_place else new_cache(m, N, width, self.compile_options)
-        tcache = tpcache = None
-        if self.steer is not None:
-            mt = self.steer.thinking.m
-            tids, Pt = pad_prompts(thinking_prompts, pad, dev)
-            twidth = bucketed(tids.shape[1] + T + 1, self.compile_options)
-            cur["tt"] = torch.full((N, twidth), pad, dtype=torch.int64, device=dev)
-            cur["tt"][:, : tids.shape[1]] = tids
-            cur["Pt"] = Pt
-            tcache = new_cache(mt, N, twidth, self.compile_options, layers=self.steer.sae_layer + 1)
-            tpcache = new_cache(mt, N, twidth, self.compile_options, layers=self.steer.sae_layer + 1)
-        caches = [(cache, pcache)] + ([(tcache, tpcache)] if tcache is not None else [])
-        L = torch.zeros(N, dtype=torch.int64, device=dev)
-        fw = torch.zeros((), dtype=torch.int64, device=dev)
-        decoded = torch.zeros((), dtype=torch.int64, device=dev)
-        n_prop = torch.zeros(N, dtype=torch.int64, device=dev)
-        n_acc = torch.zeros(N, dtype=torch.int64, device=dev)
-        trace = []
-        j = torch.arange(T + 1, device=dev)[None, :]
-        nblocks = math.ceil(T / self.block_size)
-        prev_cap = 0
-        for k in range(nblocks):
-            cap = min((k + 1) * self.block_size, T)
-            live = ~cur["eos"]            # chains whose state ended in EOS after a block stop
-            # ---- extend every live chain by up to one block
-            L0 = L.clone()
-            if self.reuse and k > 0:
-                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, rng, tcache=tcache)
-            else:  # first block (prompt prefill), or recompute: encode prompt + prefix
-                first = self.prefill(cache, cur["tokens"], P + L, cur, tcache)
-                fw += torch.where(live, P + L, 0).sum()
-                L, f = self._decode(cur, cache, L, cap, cap - prev_cap, rng, first_logits=first,
-                                    tcache=tcache)
-            fw += f
-            decoded += (L - L0).sum()
-            prev_cap = cap
-            # ---- n_mcmc Metropolis-Hastings steps on the whole generated sequence
-            for _ in range(self.n_mcmc):
-                u = rng.uniform(N)
-                mi = torch.minimum((u * L).long(), (L - 1).clamp_min(0))
-                mi = torch.where(live, mi, L)
-                prop = dict(P=P, tokens=cur["tokens"].clone(), lp=cur["lp"].clone(),
-                            lq=cur["lq"].clone(), eos=cur["eos"] & ~live)
-                if "tt" in cur:
-                    prop["tt"], prop["Pt"] = cur["tt"].clone(), cur["Pt"]
-                pcap = torch.where(live, torch.full_like(L, cap), L)
-                max_steps = int((pcap - mi).max())
-                if self.reuse:
-                    if not in_place:
-                        for c, pc in caches:
-                            for a, b in zip(pc.kv, c.kv):
-                                a.copy_(b)
-                    # re-feeds the token before m (its logits predict position m)
-                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, rng, tcache=tpcache)
-                else:
-                    first = self.prefill(pcache, prop["tokens"], P + mi, prop, tpcache)
-                    fw += torch.where(live, P + mi, 0).sum()
-                    Lp, f = self._decode(prop, pcache, mi, pcap, max_steps, rng, first_logits=first,
-                                         tcache=tpcache)
-                fw += f
-                decoded += (Lp - mi).sum()
-                # ---- acceptance over the whole suffixes of both states
-                in_prop = (j >= mi[:, None]) & (j < Lp[:, None])
-                cur_end = torch.minimum(L, Lp) if self.official else L
-                in_cur = (j >= mi[:, None]) & (j < cur_end[:, None])
-                slp = (prop["lp"] * in_prop).sum(1) - (cur["lp"] * in_cur).sum(1)
-                slq = (cur["lq"] * in_cur).sum(1) - (prop["lq"] * in_prop).sum(1)
-                logA = self.alpha * slp + slq
-                if not self.official:   # Hastings term: m is uniform over a different count
-                    logA = logA + torch.log(L.clamp_min(1).float()) - torch.log(Lp.clamp_min(1).float())
-                v = rng.uniform(N)
-                acc = live & (torch.log(v) < logA)
-                n_prop += live.long()
-                n_acc += acc.long()
-                trace.append((mi, L, Lp, acc))
-                for key in ("tokens", "lp", "lq", "eos") + (("tt",) if "tt" in cur else ()):
-                    a = acc.view(-1, *([1] * (cur[key].ndim - 1)))
-                    cur[key] = torch.where(a, prop[key], cur[key])
-                if in_place:
-                    # the proposal overwrote the tail in place: re-encode the kept old suffix of
-                    # rejected chains (tokens fed at P+m-1 .. P+L-2) in one parallel pass
-                    rej = live & ~acc
-                    Lnew = torch.where(acc, Lp, L)
-                    start = torch.where(rej, P + mi - 1, P + Lnew - 1).clamp_min(0)
-                    fw += self._extend(cache, cur["tokens"], start, torch.where(rej, L - mi, 0))
-                L = torch.where(acc, Lp, L)
-                if self.reuse and not in_place:
-                    a = acc.view(-1, 1, 1, 1)
-                    for c, pc in caches:
-                        for x, y in zip(c.kv, pc.kv):
-                            torch.where(a, y, x, out=x)
-            if bool(cur["eos"].all()):
+        R = min(int(rows or len(prompts)), len(prompts))
+        run = self._mh_rows(prompts, thinking, R)
+        queue = deque(range(len(prompts)))
+        while True:
+            free = [r for r, c in enumerate(run.chain) if c < 0][: len(queue)]
+            if free:
+                self._admit(run, free, [queue.popleft() for _ in free], prompts, thinking)
+            if all(c < 0 for c in run.chain):
                 break
-        Lc = L.cpu()
-        toks = cur["tokens"].cpu()
-        lp, lq = cur["lp"].cpu(), cur["lq"].cpu()
-        dt = time.perf_counter() - t0
-        out = []
-        for b in range(N):
-            n = int(Lc[b])
-            gen_ids = toks[b, int(P[b]): int(P[b]) + n].tolist()
-            out.append(PowerResult(prompt_index[b], gen_ids, self.text(gen_ids), lp[b, :n].tolist(), lq[b, :n].tolist(),
-                                   dict(acceptance_rate=float(n_acc[b]) / max(1, int(n_prop[b])),
-                                        proposals=int(n_prop[b]))))
-        stats = dict(decoded_tokens=int(decoded), token_forwards=int(fw), seconds=dt, chains=N,
-                     trace=[tuple(t.cpu() for t in x) for x in trace])
-        for r in out:
-            r.stats.update({k: v for k, v in stats.items() if k != "trace"})
-        self.last_stats = stats
+            done = self._round_done(run, self._round(run, rng))
+            if done:
+                yield self._leave(run, done, prompt_index)
+        self.last_stats = run.stats(time.perf_counter() - t0, len(prompts))
+
+    def _mh_rows(self, prompts, thinking, R: int) -> "_MHRows":
+        """Caches for ``R`` rows (and the proposal's; with ``steer=`` the thinking model's too)."""
+        m, T, opts = self.m, self.max_new_tokens, self.compile_options
+        width = bucketed(max(map(len, prompts)) + T + 1, opts)
+        cache = new_cache(m, R, width, opts)
+        in_place = self.reuse and self.reject == "reprefill"
+        caches = [(cache, cache if in_place else new_cache(m, R, width, opts))]
+        twidth = 0
+        if self.steer is not None:
+            mt, n = self.steer.thinking.m, self.steer.sae_layer + 1
+            twidth = bucketed(max(map(len, thinking)) + T + 1, opts)
+            caches.append(tuple(new_cache(mt, R, twidth, opts, layers=n) for _ in range(2)))
+        return _MHRows(caches, width, twidth, pad_id(self.eos), R, _Counts.zeros(m.device))
+
+    def _admit(self, run: "_MHRows", rows: list, chains: list, prompts, thinking) -> None:
+        """Start ``chains`` in the free ``rows``: their state, and with KV reuse the prefill of
+        their prompts (the logits of their first token are kept for the next round)."""
+        dev = self.m.device
+        new = Chains.from_prompts([prompts[c] for c in chains], pad=run.pad, n_gen=self.max_new_tokens + 1,
+                                  width=run.width, device=dev, twidth=run.twidth,
+                                  thinking=None if thinking is None else [thinking[c] for c in chains])
+        for r, c in zip(rows, chains):
+            run.chain[r], run.block[r], run.accepted[r] = c, 0, []
+        idx = torch.tensor(rows, device=dev)
+        if run.cur is None:
+            run.cur = new
+        else:
+            run.cur.write_(idx, new)
+        if self.reuse:
+            self._prefill_rows(run, idx, new)
+
+    def _prefill_rows(self, run: "_MHRows", idx, new: Chains) -> None:
+        """Prefill the prompts of ``new`` (in rows ``idx``); every row at once in place, else into
+        fresh caches whose rows are then copied in."""
+        caches = [c for c, _ in run.caches]
+        if len(idx) == run.R:
+            run.first, run.fresh = self.prefill(caches[0], run.cur, run.cur.P, run.tcache), None
+        else:
+            opts, n = self.compile_options, len(idx)
+            sub = [new_cache(self.m, n, run.width, opts)]
+            if self.steer is not None:
+                sub.append(new_cache(self.steer.thinking.m, n, run.twidth, opts, layers=len(caches[1].kv)))
+            logits = self.prefill(sub[0], new, new.P, sub[1] if len(sub) > 1 else None)
+            for c, s in zip(caches, sub):
+                c.write_rows_(idx, s)
+            run.first = logits.new_zeros(run.R, logits.shape[1]).index_copy_(0, idx, logits)
+            run.fresh = torch.zeros(run.R, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
+        run.counts.fw += new.P.sum()
+
+    def _round(self, run: "_MHRows", rng) -> list:
+        """One round: every live chain extends by up to one block to its own cap, then
+        ``n_mcmc`` MH steps. Returns the acceptance flags ``[R]`` of each step."""
+        B, T = self.block_size, self.max_new_tokens
+        live = ~run.cur.eos            # chains in rows (those that ended have left)
+        cap = torch.tensor([min((b + 1) * B, T) for b in run.block], device=live.device)
+        max_steps = max(min((b + 1) * B, T) - min(b * B, T)
+                        for b, c in zip(run.block, run.chain) if c >= 0)
+        self._extend_block(run, live, cap, max_steps, rng)
+        return [self._mh_step(run, live, cap, rng) for _ in range(self.n_mcmc)]
+
+    def _extend_block(self, run: "_MHRows", live, cap, max_steps: int, rng) -> None:
+        cur, cache = run.cur, run.caches[0][0]
+        L0, first, fresh = cur.lengths, run.first, run.fresh
+        if not self.reuse:  # recompute: encode prompt + prefix of every row
+            first, fresh = self.prefill(cache, cur, cur.P + cur.lengths, run.tcache), None
+            run.counts.fw += torch.where(live, cur.P + cur.lengths, 0).sum()
+        self._decode(cur, cache, cap, max_steps, rng, run.counts, first, fresh, run.tcache)
+        run.counts.decoded += (cur.lengths - L0).sum()
+        run.first = run.fresh = None
+
+    def _mh_step(self, run: "_MHRows", live, cap, rng):
+        """One Metropolis-Hastings step of every live chain (index ``m`` uniform over its
+        generated positions, suffix resampled up to its cap). Returns the acceptances."""
+        cur = run.cur
+        L = cur.lengths.clone()        # cur is written in place on accept; the trace keeps L
+        u = rng.uniform(run.R)
+        mi = torch.where(live, torch.minimum((u * L).long(), (L - 1).clamp_min(0)), L)
+        prop = cur.clone()
+        prop.eos, prop.lengths = cur.eos & ~live, mi
+        self._propose(run, prop, live, torch.where(live, cap, L), rng)
+        run.counts.decoded += (prop.lengths - mi).sum()
+        acc = live & (torch.log(rng.uniform(run.R)) < self._log_accept(cur, prop, mi))
+        run.trace.append((mi, L, prop.lengths, acc))
+        self._apply(run, prop, live, mi, acc)
+        return acc
+
+    def _propose(self, run: "_MHRows", prop: Chains, live, pcap, rng) -> None:
+        """Resample each live chain's suffix from ``m = prop.lengths`` up to ``pcap``."""
+        (cache, pcache), tpcache = run.caches[0], run.tpcache
+        mi = prop.lengths
+        max_steps = int((pcap - mi).max())
+        if not self.reuse:
+            first = self.prefill(pcache, prop, prop.P + mi, tpcache)
+            run.counts.fw += torch.where(live, prop.P + mi, 0).sum()
+            self._decode(prop, pcache, pcap, max_steps, rng, run.counts, first, tcache=tpcache)
+            return
+        if pcache is not cache:
+            for c, pc in run.caches:
+                pc.copy_(c)
+        # re-feeds the token before m (its logits predict position m)
+        self._decode(prop, pcache, pcap, max_steps, rng, run.counts, tcache=tpcache)
+
+    def _log_accept(self, cur: Chains, prop: Chains, mi):
+        """log A over the whole suffixes of both states (module docstring)."""
+        L, Lp = cur.lengths, prop.lengths
+        j = torch.arange(cur.lp.shape[1], device=L.device)[None, :]
+        in_prop = (j >= mi[:, None]) & (j < Lp[:, None])
+        cur_end = torch.minimum(L, Lp) if self.official else L
+        in_cur = (j >= mi[:, None]) & (j < cur_end[:, None])
+        slp = (prop.lp * in_prop).sum(1) - (cur.lp * in_cur).sum(1)
+        slq = (cur.lq * in_cur).sum(1) - (prop.lq * in_prop).sum(1)
+        logA = self.alpha * slp + slq
+        if not self.official:   # Hastings term: m is uniform over a different count
+            logA = logA + torch.log(L.clamp_min(1).float()) - torch.log(Lp.clamp_min(1).float())
+        return logA
+
+    def _apply(self, run: "_MHRows", prop: Chains, live, mi, acc) -> None:
+        """Accepted chains become their proposal; their cache rows follow (copied back from the
+        proposal cache, or with ``reject="reprefill"`` the rejected ones re-encode their tail)."""
+        cur, (cache, pcache) = run.cur, run.caches[0]
+        if pcache is not cache:
+            cur.write_(acc, prop)
+            if self.reuse:
+                for c, pc in run.caches:
+                    c.where_rows_(acc, pc)
+            return
+        # the proposal overwrote the tail in place: re-encode the kept old suffix of rejected
+        # chains (tokens fed at P+m-1 .. P+L-2) in one parallel pass
+        rej = live & ~acc
+        L = cur.lengths
+        start = torch.where(rej, cur.P + mi - 1, cur.P + torch.where(acc, prop.lengths, L) - 1)
+        n = torch.where(rej, L - mi, 0)
+        cur.write_(acc, prop)
+        run.counts.fw += self._extend(cache, cur.tokens, start.clamp_min(0), n)
+
+    def _round_done(self, run: "_MHRows", accs: list) -> list:
+        """After a round: record each chain's MH flags; returns the rows whose chain ended (EOS,
+        or its last block done), advancing the others to their next block."""
+        eos = run.cur.eos.tolist()
+        flags = torch.stack(accs, 1).tolist() if accs else [[] for _ in run.chain]
+        last = math.ceil(self.max_new_tokens / self.block_size) - 1
+        done = []
+        for r, c in enumerate(run.chain):
+            if c < 0:
+                continue
+            run.accepted[r] += flags[r]
+            if eos[r] or run.block[r] == last:
+                done.append(r)
+            else:
+                run.block[r] += 1
+        return done
+
+    def _leave(self, run: "_MHRows", rows: list, prompt_index) -> dict:
+        """The results of the chains in ``rows``, which leave (their rows free, idle until
+        refilled: marked EOS)."""
+        cur = run.cur
+        idx = torch.tensor(rows, device=cur.eos.device)
+        toks, P, L, lp, lq = (x.index_select(0, idx).cpu() for x in (cur.tokens, cur.P, cur.lengths, cur.lp, cur.lq))
+        cur.eos.index_fill_(0, idx, True)
+        out = {}
+        for i, r in enumerate(rows):
+            n, p, acc = int(L[i]), int(P[i]), run.accepted[r]
+            ids = toks[i, p: p + n].tolist()
+            out[run.chain[r]] = PowerResult(prompt_index[run.chain[r]], ids, self.text(ids), lp[i, :n].tolist(),
+                                            lq[i, :n].tolist(), dict(acceptance_rate=sum(acc) / max(1, len(acc)),
+                                                                     proposals=len(acc), accepted=acc))
+            run.chain[r] = -1
         return out
 
     # ------------------------------------------------------------------ SMC
     def _smc(self, prompts, prompt_index, rng):
         """Power-SMC (see module docstring). ``prompts`` holds one entry per selected particle."""
         t0 = time.perf_counter()
-        m, dev = self.m, self.m.device
-        G, Np, T = len(prompts), self.n_particles, self.max_new_tokens
+        dev, G, Np, T = self.m.device, len(prompts), self.n_particles, self.max_new_tokens
         N = G * Np
-        pad = pad_id(self.eos)
-        ids, P = pad_prompts([p for p in prompts for _ in range(Np)], pad, dev)
-        width = bucketed(ids.shape[1] + T + 1, self.compile_options)
-        tokens = torch.full((N, width), pad, dtype=torch.int64, device=dev)
-        tokens[:, : ids.shape[1]] = ids
-        lpb = torch.zeros(N, T, device=dev)
-        lqb = torch.zeros(N, T, device=dev)
-        L = torch.zeros(N, dtype=torch.int64, device=dev)
-        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        width = bucketed(max(map(len, prompts)) + T + 1, self.compile_options)
+        ch = Chains.from_prompts([p for p in prompts for _ in range(Np)], pad=pad_id(self.eos), n_gen=T,
+                                 width=width, device=dev)
         logw = torch.zeros(N, dtype=torch.float64, device=dev)
         cum_lp = torch.zeros(N, dtype=torch.float64, device=dev)
         eos = torch.tensor(self.eos or [-1], device=dev)
-        rows = torch.arange(N, device=dev)
-        cache = new_cache(m, N, width, self.compile_options)
-        logits = self.prefill(cache, tokens, P)
-        fw = int(P.sum())
+        cache = new_cache(self.m, N, width, self.compile_options)
+        logits = self.prefill(cache, ch, ch.P)
+        fw = int(ch.P.sum())
         n_resample = 0
         a_prev = None
         for t in range(T):
             a_t = self.alpha if self.alpha_ramp <= 0 else \
                 min(self.alpha, 1.0 + (self.alpha - 1.0) * t / self.alpha_ramp)
             if t > 0:
-                logits = self._forward_one(cache, dict(P=P, tokens=tokens), L)
+                logits = self._forward_one(cache, ch)
                 fw += int(N)
             tok, lp, lq = self._sample(logits, 1.0 / a_t, rng)
-            active = ~done
+            active = ~ch.eos
             if a_prev is not None and a_t != a_prev:   # the target's exponent moved: reweight the past
                 logw += (a_t - a_prev) * cum_lp
             a_prev = a_t
             logw += torch.where(active, a_t * lp.double() - lq.double(), torch.zeros_like(logw))
-            tokens[rows, P + L] = torch.where(active, tok, tokens[rows, P + L])
-            lpb[rows, L.clamp_max(T - 1)] = torch.where(active, lp, lpb[rows, L.clamp_max(T - 1)])
-            lqb[rows, L.clamp_max(T - 1)] = torch.where(active, lq, lqb[rows, L.clamp_max(T - 1)])
+            ch.append_(tok, lp, lq, active)
             cum_lp += torch.where(active, lp.double(), torch.zeros_like(cum_lp))
-            L = L + active.long()
-            done = done | (active & torch.isin(tok, eos)) | (L >= T)
-            # ---- resample groups whose effective sample size fell below the threshold
-            w = logw.view(G, Np)
-            ess = torch.exp(2 * torch.logsumexp(w, 1) - torch.logsumexp(2 * w, 1))
-            need = ess < self.ess_threshold * Np
-            if bool(need.any()) and t < T - 1:
-                n_resample += int(need.sum())
-                probs = torch.softmax(w, 1).float()
-                draw = rng.categorical(probs, Np)
-                ident = torch.arange(Np, device=dev)[None, :].expand(G, Np)
-                src = (torch.where(need[:, None], draw, ident)
-                       + torch.arange(G, device=dev)[:, None] * Np).reshape(-1)
-                tokens, lpb, lqb, L, done, cum_lp = (x.index_select(0, src) for x in
-                                                     (tokens, lpb, lqb, L, done, cum_lp))
-                for x in cache.kv:
-                    x.copy_(x.index_select(0, src))
-                logw = torch.where(need[:, None], torch.logsumexp(w, 1, keepdim=True) - math.log(Np),
-                                   w).reshape(-1)
-            if (t + 1) % self.sync_every == 0 and bool(done.all()):
+            ch.eos = ch.eos | (active & torch.isin(tok, eos)) | (ch.lengths >= T)
+            if t < T - 1:
+                ch, cum_lp, logw, k = self._resample(ch, cache, cum_lp, logw, rng)
+                n_resample += k
+            if (t + 1) % self.sync_every == 0 and bool(ch.eos.all()):
                 break
-        w = logw.view(G, Np)
-        norm_w = torch.softmax(w, 1)
-        pick = rng.categorical(norm_w, 1)[:, 0]
-        sel = torch.arange(G, device=dev) * Np + pick
-        dt = time.perf_counter() - t0
-        out = []
-        Lc, toks = L.cpu(), tokens.cpu()
-        for g in range(G):
-            r = int(sel[g])
-            n = int(Lc[r])
-            gen_ids = toks[r, int(P[r]): int(P[r]) + n].tolist()
-            out.append(PowerResult(prompt_index[g], gen_ids, self.text(gen_ids), lpb[r, :n].tolist(), lqb[r, :n].tolist(),
-                                   dict(weights=norm_w[g].cpu().tolist(), selected=int(pick[g]),
-                                        particle_ids=[toks[g * Np + i, int(P[r]): int(P[r]) + int(Lc[g * Np + i])].tolist()
-                                                   for i in range(Np)],
-                                        ess=float(torch.exp(2 * torch.logsumexp(w[g], 0) - torch.logsumexp(2 * w[g], 0))))))
-        self.last_stats = dict(token_forwards=fw, decoded_tokens=int(L.sum()), seconds=dt,
-                               resampling_events=n_resample, particles=N)
+        out = self._smc_results(ch, logw.view(G, Np), prompt_index, rng)
+        self.last_stats = dict(token_forwards=fw, decoded_tokens=int(ch.lengths.sum()),
+                               seconds=time.perf_counter() - t0, resampling_events=n_resample, particles=N)
         for r in out:
             r.stats.update(self.last_stats)
         return out
+
+    def _resample(self, ch: Chains, cache, cum_lp, logw, rng):
+        """Multinomial resampling of the groups whose effective sample size fell below the
+        threshold (particles and their KV rows copied by index). Returns the new particles,
+        ``cum_lp``, ``logw`` and how many groups were resampled."""
+        Np = self.n_particles
+        w = logw.view(-1, Np)
+        G, dev = w.shape[0], w.device
+        ess = torch.exp(2 * torch.logsumexp(w, 1) - torch.logsumexp(2 * w, 1))
+        need = ess < self.ess_threshold * Np
+        if not bool(need.any()):
+            return ch, cum_lp, logw, 0
+        draw = rng.categorical(torch.softmax(w, 1).float(), Np)
+        ident = torch.arange(Np, device=dev)[None, :].expand(G, Np)
+        src = (torch.where(need[:, None], draw, ident) + torch.arange(G, device=dev)[:, None] * Np).reshape(-1)
+        cache.copy_rows_(torch.arange(G * Np, device=dev), src)
+        logw = torch.where(need[:, None], torch.logsumexp(w, 1, keepdim=True) - math.log(Np), w).reshape(-1)
+        return ch.select(src), cum_lp.index_select(0, src), logw, int(need.sum())
+
+    def _smc_results(self, ch: Chains, w, prompt_index, rng) -> list:
+        """One particle per group drawn from the final weights ``w [G, Np]``, with the weights."""
+        G, Np = w.shape
+        norm_w = torch.softmax(w, 1)
+        pick = rng.categorical(norm_w, 1)[:, 0]
+        L, toks, P = ch.lengths.cpu(), ch.tokens.cpu(), ch.P.cpu()
+        gen = lambda r: toks[r, int(P[r]): int(P[r]) + int(L[r])]  # noqa: E731
+        out = []
+        for g in range(G):
+            r = g * Np + int(pick[g])
+            n = int(L[r])
+            gen_ids = gen(r).tolist()
+            out.append(PowerResult(prompt_index[g], gen_ids, self.text(gen_ids), ch.lp[r, :n].tolist(),
+                                   ch.lq[r, :n].tolist(),
+                                   dict(weights=norm_w[g].cpu().tolist(), selected=int(pick[g]),
+                                        particle_ids=[gen(g * Np + i).tolist() for i in range(Np)],
+                                        ess=float(torch.exp(2 * torch.logsumexp(w[g], 0)
+                                                            - torch.logsumexp(2 * w[g], 0))))))
+        return out
+
+
+@dataclass
+class _Counts:
+    """Work done by one MH call: token-forwards, decoded tokens, idle row-steps (device scalars,
+    never synchronised per step) and decode steps."""
+    fw: torch.Tensor
+    decoded: torch.Tensor
+    idle: torch.Tensor
+    steps: int = 0
+
+    @classmethod
+    def zeros(cls, device) -> "_Counts":
+        return cls(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(3)))
+
+    def step(self, forwarded, active) -> None:
+        """One decode step over every row: ``forwarded`` rows count as token-forwards, rows not
+        ``active`` (their chain had nothing to do) as idle row-steps."""
+        self.fw += forwarded.sum()
+        self.idle += (~active).sum()
+        self.steps += 1
+
+
+@dataclass
+class _MHRows:
+    """The cache rows of one MH call: the chains in them, their caches, host bookkeeping."""
+    caches: list          #: [(cache, proposal cache)], plus the thinking model's pair with steer=
+    width: int
+    twidth: int
+    pad: int
+    R: int
+    counts: _Counts
+    cur: Optional[Chains] = None
+    chain: list = None    #: chain index in each row (-1: free)
+    block: list = None    #: block index of each row's chain
+    accepted: list = None  #: per row: acceptance flag of each MH step its chain took
+    first: Optional[torch.Tensor] = None   #: first-token logits of rows prefilled since the last round
+    fresh: Optional[torch.Tensor] = None   #: [R] bool: those rows (None with first: every row)
+    trace: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.chain, self.block, self.accepted = [-1] * self.R, [0] * self.R, [[] for _ in range(self.R)]
+
+    @property
+    def tcache(self):
+        return self.caches[1][0] if len(self.caches) > 1 else None
+
+    @property
+    def tpcache(self):
+        return self.caches[1][1] if len(self.caches) > 1 else None
+
+    def stats(self, seconds: float, chains: int) -> dict:
+        c = self.counts
+        return dict(decoded_tokens=int(c.decoded), token_forwards=int(c.fw), seconds=seconds, chains=chains,
+                    rows=self.R, row_steps=c.steps * self.R, idle_row_steps=int(c.idle),
+                    trace=[tuple(t.cpu() for t in x) for x in self.trace])
