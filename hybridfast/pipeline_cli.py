@@ -111,6 +111,9 @@ def _train_vectors_parser() -> ArgumentParser:
                     help="shortest target sentence, in words (default: %(default)s)")
     ap.add_argument("--min-bias-words", type=int, default=20,
                     help="shortest thinking text for a bias example, in words (default: %(default)s)")
+    ap.add_argument("--prefix-cache-mib", type=float, default=1024,
+                    help="memory for the traces' prefix KV caches kept across epochs, in MiB; prefixes "
+                         "beyond it are re-encoded in each batch (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("--out", default="runs/vectors",
                     help="vectors folder; its checkpoint/ subfolder makes the run resumable (default: %(default)s)")
@@ -150,6 +153,7 @@ def train_vectors_main(argv=None):
         try:
             vec = train_steering_vectors(side.model, exs, bias_exs, K, a.steer_layer, epochs=a.epochs,
                                          batch_size=a.batch_size, seed=a.seed,
+                                         prefix_cache_bytes=int(a.prefix_cache_mib * 2**20),
                                          names=[c["name"] for c in tax["categories"]],
                                          checkpoint_dir=Path(a.out) / "checkpoint", identity=identity,
                                          restart=a.restart, progress=True)

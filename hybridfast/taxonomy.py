@@ -181,7 +181,8 @@ def build_vector_examples(traces, ann: Annotated, base, base_tokenizer, n_catego
 
 
 #: train_vectors arguments that schedule or report the work without changing its result
-_SCHEDULING = ("bias", "checkpoint_dir", "progress", "max_epochs_this_call")
+_SCHEDULING = ("bias", "checkpoint_dir", "progress", "max_epochs_this_call", "share_prefixes",
+               "prefix_cache_bytes")
 
 
 def _examples_digest(examples) -> str:
