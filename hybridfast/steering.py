@@ -246,7 +246,7 @@ class _PrefixPlan:
     def __init__(self, model, examples, *, budget_bytes: int, batch_size: int, pad_id: int):
         self.pad = pad_id
         self.root, self.used, self.roots = group_prefixes(
-            [tuple(e.prompt_ids[: len(e.prompt_ids) - 1]) for e in examples])
+            [tuple(int(x) for x in e.prompt_ids[: len(e.prompt_ids) - 1]) for e in examples])
         users = [0] * len(self.roots)
         for r in self.root:
             if r >= 0:
@@ -285,8 +285,11 @@ class _PrefixPlan:
                 self.offset[self.root[idx[b]]] + self.used[idx[b]] - 1) for b in kept])
             kv = self.store[:, :, src.flatten().to(self.store.device)]
             kv = kv.view(kv.shape[:2] + (len(kept), width) + kv.shape[3:])
-            out = kv.new_zeros(kv.shape[:2] + (B,) + kv.shape[3:])
-            out[:, :, kept] = kv
+            if len(kept) == B:
+                out = kv
+            else:
+                out = kv.new_zeros(kv.shape[:2] + (B,) + kv.shape[3:])
+                out[:, :, kept] = kv
         if other:                        # roots beyond the budget: encode once for this batch
             need = {}
             for b in other:
