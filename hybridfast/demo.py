@@ -125,9 +125,9 @@ def run_demo(out_dir="runs/demo", n_train=24, n_eval=8, max_new_tokens=160, seed
             ps = PowerSampler(base, alpha=4.0, block_size=16, n_mcmc=2, max_new_tokens=max_new_tokens,
                               method=method, n_particles=8, tokenizer=tok, eos_token_id=tok.eos_token_id)
             res = ps.sample(pp, generator=torch.Generator().manual_seed(seed))
-            for b, r in enumerate(res):
+            for r in res:
                 add(f"power-{method}", r.prompt_index, r.text, len(r.ids),
-                    seconds=ps.last_stats["seconds"] / len(pp), **mh_fields(ps.last_stats, b, r))
+                    seconds=ps.last_stats["seconds"] / len(pp), **mh_fields(r))
     with stage("report"):
         write_jsonl(out / "results.jsonl", results)
         summary = summarize(results)

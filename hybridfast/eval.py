@@ -236,7 +236,7 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
         if method == "power-scalable":
             power.update(scalable or {})
         p["power"] = _call_params(PowerSampler.__init__, power, ("model", "tokenizer", "eos_token_id", "steer"))
-        p["sample"] = _call_params(PowerSampler.sample, {}, ("prompts", "generator", "thinking_prompts"))
+        p["sample"] = _call_params(PowerSampler.sample, {}, ("prompts", "generator", "thinking_prompts", "rows"))
     return p
 
 
@@ -245,7 +245,8 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     """A generator function ``(problems, rows) -> iterator of [(problem, dict(output, tokens,
     steered_tokens, ...))]`` for method ``name``, run with ``params`` (from :func:`method_params`).
     Plain and hybrid methods decode ``rows`` problems at a time with continuous batching and yield
-    each group of problems as it finishes; power methods yield batches of ``rows`` problems. Each model reads prompts made and encoded with its own
+    each group of problems as it finishes, MH power methods keep ``rows`` chains live the same way
+    (:meth:`PowerSampler.stream`), power-smc and power-scalable yield batches of ``rows`` problems. Each model reads prompts made and encoded with its own
     tokenizer; outputs are decoded with the tokenizer of the model that wrote them."""
     from .engine import Engine
     from .prompts import BASE_TEMPLATE, POWER_TEMPLATE, thinking_prompt
@@ -298,17 +299,23 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     steer = hybrid() if name == "power-hybrid" else None
     ps = PowerSampler(models.base, **params["power"], tokenizer=btok, eos_token_id=btok.eos_token_id, steer=steer)
 
-    def batch(problems):
-        thinking = [think_prompt(p["question"]) for p in problems] if steer else None
-        res = ps.sample(enc(btok, [power_prompt(p["question"]) for p in problems]), **params["sample"],
-                        generator=generator(), thinking_prompts=thinking)
+    def answered(problems, res, thinking):
+        thinking = thinking and [thinking[r.prompt_index] for r in res]
         steered = routed_steered_tokens(steer, thinking, res) if steer else [0] * len(res)
-        return [dict(output=r.text, tokens=len(r.ids), steered_tokens=n, **mh_fields(ps.last_stats, b, r))
-                for b, (r, n) in enumerate(zip(res, steered))]
+        return [(problems[r.prompt_index], dict(output=r.text, tokens=len(r.ids), steered_tokens=n, **mh_fields(r)))
+                for r, n in zip(res, steered)]
 
     def answers(problems, rows):
-        for chunk in _batches(problems, rows):
-            yield list(zip(chunk, batch(chunk)))
+        prompts = enc(btok, [power_prompt(p["question"]) for p in problems])
+        thinking = [think_prompt(p["question"]) for p in problems] if steer else None
+        if ps.method == "mh":   # continuous batching: rows chains live, a row refilled when its chain ends
+            for res in ps.stream(prompts, **params["sample"], rows=rows, generator=generator(),
+                                 thinking_prompts=thinking):
+                yield answered(problems, res, thinking)
+            return
+        for i in range(0, len(problems), rows):
+            yield answered(problems[i: i + rows], ps.sample(prompts[i: i + rows], **params["sample"],
+                                                            generator=generator()), None)
     return answers
 
 
@@ -385,10 +392,6 @@ def _build_method(spec: MethodSpec, steering: SteeringArtifacts | None):
     return make_method(spec.method, _models(spec), params=spec.params, sae=steering and steering.sae,
                        vectors=steering and steering.vectors, base_template=spec.base_template,
                        power_template=spec.power_template)
-
-
-def _batches(items: list, size: int) -> list[list]:
-    return [items[i: i + size] for i in range(0, len(items), size)]
 
 
 def _graded(fn, problems: list[dict], rows: int, run: RunIdentity) -> Iterator[list[dict]]:
@@ -651,8 +654,8 @@ def _eval_parser() -> ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4, help="rows decoded at once (>= 1; not part of the run): plain and hybrid methods "
-                    "refill a row as soon as its problem ends (continuous batching); power methods "
-                    "sample this many problems per batch")
+                    "refill a row as soon as its problem ends (continuous batching); MH power methods keep this many "
+                    "chains live, refilled as chains end; power-smc and power-scalable sample this many problems per batch")
     ap.add_argument("--sae", help="SAE folder (router) for the steered methods, from `hybridfast discover`")
     ap.add_argument("--vectors", help="steering-vectors folder for the steered methods, from "
                                       "`hybridfast train-vectors`")

@@ -283,6 +283,8 @@ class PowerSampler:
     def _chains(self, prompts, n_chains: int, thinking_prompts):
         """Per chain: its prompt, its prompt's index, and its thinking prompt (``steer=``)."""
         pr = self._encode(prompts)
+        if not pr:
+            raise ValueError("no prompts given")
         index = [i for i in range(len(pr)) for _ in range(n_chains)]
         tp = None
         if self.steer is not None:
@@ -326,8 +328,9 @@ class PowerSampler:
         steps); after each round the chains that ended (EOS, or their last block done) leave and
         queued chains are prefilled into the freed rows. Yields the results of each round that
         finished some, in the order they finish (``prompt_index`` says whose); ``last_stats`` is
-        set once the stream is exhausted. Every chain is an exact MH chain on p^alpha, but its
-        random draws depend on the schedule: same prompts, ``rows`` and seed, same output."""
+        set once the stream is exhausted. Every chain runs the MH of the static batch (its own
+        caps and Hastings term), but its random draws depend on the schedule: same prompts,
+        ``rows`` and seed, same output."""
         if self.method != "mh":
             raise NotImplementedError("stream() is MH with continuous batching (method='mh')")
         for group in self._stream(prompts, n_chains, rows, generator, thinking_prompts):

@@ -55,14 +55,12 @@ def token_fields(result, tokenizer, names) -> dict:
                 category_names=list(names))
 
 
-def mh_fields(stats: dict, chain: int, result) -> dict:
-    """``mh_accepted`` of MH chain ``chain`` (``result``), read from the sampler's ``last_stats``
-    trace: one flag per step the chain took part in (a chain takes part until it has ended, so
-    its steps are the first ``proposals``). Empty for SMC, which records no trace."""
-    if "trace" not in stats:
+def mh_fields(result) -> dict:
+    """``mh_accepted`` of an MH chain's ``result``: one flag per MH step the chain took part in
+    (its ``stats["accepted"]``). Empty for SMC, which records none."""
+    if "accepted" not in result.stats:
         return {}
-    steps = stats["trace"][: result.stats["proposals"]]
-    return dict(mh_accepted=[bool(accepted[chain]) for *_, accepted in steps])
+    return dict(mh_accepted=[bool(a) for a in result.stats["accepted"]])
 
 
 def grade_label(row) -> str:

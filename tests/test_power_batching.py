@@ -38,6 +38,15 @@ FROZEN_TINY_SMC = [[25, 36, 59, 1, 15, 65, 15, 72, 12, 55, 65, 29, 28, 81, 88],
 FROZEN_ENUM_SMC_RAMP = [[3], [2, 3], [2, 3], [3], [2, 3], [3]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batched ops: one intra-op thread (two spin against each other on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -91,21 +100,133 @@ def test_static_smc_reproduces_the_pre_refactor_particles(tiny, enum):
     assert (ps.last_stats["decoded_tokens"], ps.last_stats["resampling_events"]) == (92, 4)
 
 
-def _steered(reuse=True):
+@pytest.fixture(scope="module")
+def steered():
+    """``steered(reuse)``: an MH sampler of the tiny base model steered by a routed HybridModel."""
     from hybridfast import HybridModel
     base, think = pair("qwen2")
     sae, vec = router_and_vectors(64, 64)
     hm = HybridModel(base, think, sae, vec, sae_layer=2, steer_layer=1, mode="routed",
                      coefficients=2.0, threshold=-1e9)
-    return PowerSampler(base, steer=hm, reuse=reuse, alpha=4, block_size=4, n_mcmc=3, max_new_tokens=12,
-                        eos_token_id=-1)
+    return lambda reuse=True: PowerSampler(base, steer=hm, reuse=reuse, alpha=4, block_size=4, n_mcmc=3,
+                                           max_new_tokens=12, eos_token_id=-1)
 
 
 STEER_PROMPTS, STEER_THINK = [[5, 6, 7], [8, 9, 10, 11]], [[3, 4], [20, 21, 22]]
 
 
-def test_static_steered_mh_reproduces_the_pre_refactor_chains():
-    ps = _steered()
+def test_static_steered_mh_reproduces_the_pre_refactor_chains(steered):
+    ps = steered()
     out = ps.sample(STEER_PROMPTS, thinking_prompts=STEER_THINK, n_chains=2, generator=_gen(9))
     assert [r.ids for r in out] == FROZEN_STEER_MH
     assert (ps.last_stats["decoded_tokens"], ps.last_stats["token_forwards"]) == (192, 202)
+
+
+# ------------------------------------------------------------------------------ rows= (continuous)
+
+def test_rows_at_least_the_chains_is_the_static_run(enum):
+    ps = PowerSampler(enum, **ENUM)
+    out = ps.sample(ENUM_PROMPTS, n_chains=6, rows=12, generator=_gen(3))
+    assert [r.ids for r in out] == FROZEN_ENUM_MH and ps.last_stats["rows"] == 12
+    assert [r.ids for r in ps.sample(ENUM_PROMPTS, n_chains=6, rows=50, generator=_gen(3))] == FROZEN_ENUM_MH
+
+
+def _varied(enum, rows, **kw):
+    """A workload of varied lengths: chains end at EOS after 1..6 tokens (blocks of 2)."""
+    ps = PowerSampler(enum, **ENUM, **kw)
+    out = ps.sample(ENUM_PROMPTS * 3, n_chains=4, rows=rows, generator=_gen(21))
+    return out, ps.last_stats
+
+
+def test_refilled_rows_hold_exact_kv(enum):
+    """Rows refilled while other chains are mid-way: KV reuse (cache rows copied / kept) gives
+    the chains that re-encoding everything gives, and so does re-encoding rejected tails."""
+    out, st = _varied(enum, rows=5)
+    assert [r.prompt_index for r in out] == [i for i in range(6) for _ in range(4)]   # prompt order
+    lengths = {len(r.ids) for r in out}
+    assert len(lengths) >= 3, lengths              # varied lengths: rows freed at different rounds
+    for kw in (dict(reuse=False), dict(reject="reprefill")):
+        assert [r.ids for r in _varied(enum, rows=5, **kw)[0]] == [r.ids for r in out]
+    # one token-forward per decoded token plus each prompt's prefill (its last position gives
+    # the first token), refills included
+    P = sum(len(ENUM_PROMPTS[i % 2]) - 1 for i in range(6) for _ in range(4))
+    assert st["token_forwards"] == P + st["decoded_tokens"]
+    for r in out:          # each chain's own MH steps: n_mcmc per round it took part in
+        assert r.stats["proposals"] % ENUM["n_mcmc"] == 0 and r.stats["proposals"] > 0
+        assert len(r.stats["accepted"]) == r.stats["proposals"]
+        assert len(r.ids) == len(r.logp) == len(r.logq) and (r.ids[-1] == ENUM_EOS or len(r.ids) == 6)
+
+
+def test_early_eos_chains_free_their_rows(enum):
+    _, static = _varied(enum, rows=None)
+    _, cont = _varied(enum, rows=6)
+    assert static["rows"] == 24 and cont["rows"] == 6
+    # fewer idle row-steps, and fewer row-steps in all, with rows refilled as chains end
+    assert cont["idle_row_steps"] < 0.6 * static["idle_row_steps"], (cont, static)
+    assert cont["row_steps"] < static["row_steps"]
+
+
+def test_same_schedule_same_chains(enum):
+    a = [r.ids for r in _varied(enum, rows=5)[0]]
+    assert [r.ids for r in _varied(enum, rows=5)[0]] == a
+    ps = PowerSampler(enum, **ENUM)
+    streamed = [r for group in ps.stream(ENUM_PROMPTS * 3, n_chains=4, rows=5, generator=_gen(21))
+                for r in group]
+    assert sorted(map(tuple, (r.ids for r in streamed))) == sorted(map(tuple, a))
+    assert len(streamed) == 24 and ps.last_stats["chains"] == 24
+
+
+class NoHastings(PowerSampler):
+    """A broken MH: the acceptance forgets the Hastings term of the length change."""
+
+    def _log_accept(self, cur, prop, mi):
+        L, Lp = cur.lengths.clamp_min(1).float(), prop.lengths.clamp_min(1).float()
+        return super()._log_accept(cur, prop, mi) - (torch.log(L) - torch.log(Lp))
+
+
+def test_mh_with_refills_samples_p_alpha(enum):
+    """3000 chains through 1200 rows (the last wave fills rows partly, beside idle ones): the
+    samples match p^alpha by enumeration (fixed seed; exact MH must not be rejected at 1e-3), and
+    the same schedule without the Hastings term is rejected (at 1e-6; 1000 chains, 400 rows)."""
+    from .helpers import chi2_pvalue, exact_power
+    T, alpha = 3, 2.0
+    seqs, probs = exact_power(enum, alpha, T)
+    kw = dict(alpha=alpha, block_size=T, max_new_tokens=T, n_mcmc=60, eos_token_id=ENUM_EOS)
+    ps = PowerSampler(enum, **kw)
+    out = ps.sample([ENUM_PROMPT], n_chains=3000, rows=1200, generator=_gen(11))
+    assert ps.last_stats["rows"] == 1200
+    p, _ = chi2_pvalue([r.ids for r in out], seqs, probs)
+    assert p > 1e-3, f"MH with refills rejected: p={p}"
+    broken = NoHastings(enum, **kw).sample([ENUM_PROMPT], n_chains=1000, rows=400, generator=_gen(11))
+    p0, _ = chi2_pvalue([r.ids for r in broken], seqs, probs)
+    assert p0 < 1e-6, f"MH without the Hastings term not rejected: p={p0}"
+
+
+def test_steered_mh_with_rows(steered):
+    """4 chains through 3 rows: the 4th is prefilled (base and thinking caches) into a freed row."""
+    ps = steered()
+    out = ps.sample(STEER_PROMPTS, thinking_prompts=STEER_THINK, n_chains=2, rows=3, generator=_gen(9))
+    assert [len(r.ids) for r in out] == [12] * 4 and ps.last_stats["rows"] == 3
+    assert [r.prompt_index for r in out] == [0, 0, 1, 1]
+    rec = steered(reuse=False).sample(STEER_PROMPTS, thinking_prompts=STEER_THINK, n_chains=2, rows=3,
+                                      generator=_gen(9))
+    assert [r.ids for r in rec] == [r.ids for r in out]        # KV reuse exact under steering too
+
+
+def test_rows_refused_where_unsupported(tiny):
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        PowerSampler(tiny, **TINY).sample([[5]], rows=0)
+    with pytest.raises(NotImplementedError, match="method='mh' only"):
+        PowerSampler(tiny, **TINY, method="smc").sample([[5]], rows=2)
+
+
+def test_eval_power_mh_keeps_batch_size_chains_live(tmp_path):
+    from hybridfast.eval import ResultsLog, run_eval
+    kw = dict(limit=5, max_new_tokens=6, n_mcmc=1, block_size=2, progress=False)
+    run_eval("power-mh", out=tmp_path / "c", batch_size=2, **kw)
+    rows = ResultsLog(tmp_path / "c" / "results.jsonl").rows()
+    assert len(rows) == 5 and len({r["problem"] for r in rows}) == 5
+    for r in rows:
+        assert isinstance(r["output"], str) and r["tokens"] >= 1 and r["steered_tokens"] == 0
+        assert r["mh_accepted"] and all(isinstance(a, bool) for a in r["mh_accepted"])
+        assert r["run"]["method"] == "power-mh" and "rows" not in r["run"]["sample"]

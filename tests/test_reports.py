@@ -149,14 +149,14 @@ def test_mh_fields_count_each_chains_own_steps():
     base, _ = tiny_pair(tok, seed=0)
     ps = PowerSampler(base, block_size=3, n_mcmc=2, max_new_tokens=9, tokenizer=tok, eos_token_id=tok.eos_token_id)
     res = ps.sample([[5, 6, 7], [8, 9]], generator=torch.Generator().manual_seed(0))
-    for b, r in enumerate(res):
-        accepted = mh_fields(ps.last_stats, b, r)["mh_accepted"]
+    for r in res:
+        accepted = mh_fields(r)["mh_accepted"]
         assert len(accepted) == r.stats["proposals"] > 0
         assert sum(accepted) / len(accepted) == r.stats["acceptance_rate"]
     smc = PowerSampler(base, method="smc", n_particles=2, max_new_tokens=4, tokenizer=tok,
                        eos_token_id=tok.eos_token_id)
     r = smc.sample([[5, 6]], generator=torch.Generator().manual_seed(0))[0]
-    assert mh_fields(smc.last_stats, 0, r) == {}
+    assert mh_fields(r) == {}
 
 
 def _rows(methods_correct: dict, dataset="gsm8k"):
