@@ -1,12 +1,14 @@
 """Eager vs compiled decode steps on a real model (default: the embedded SmolLM2-135M-Instruct),
-next to Hugging Face ``generate``: tokens/s of plain, routed, paper, MH and SMC at each batch size.
+next to Hugging Face ``generate``: tokens/s of plain, routed, paper, MH and SMC at each batch size,
+plus ``lockstep``: the routed computation without the steering op (base step + the thinking
+side's truncated router), so ``routed_vs_lockstep`` is the cost of routing and steering alone.
 
     python bench/bench_compile.py                                   # SmolLM2, CPU, B = 1 8 32
     python bench/bench_compile.py --config qwen2.5-1.5b --batch 1 8 --new-tokens 8   # random weights
     python bench/bench_compile.py --model Qwen/Qwen2.5-1.5B --batch 1 8 32 --dtype bf16   # GPU
 
-One model plays both hybrid sides (random SAE and vectors of the right shapes: speed does not
-depend on what they encode). Each timed run follows an untimed one (allocation, compilation);
+One model plays both hybrid sides unless ``--thinking`` names another (random SAE and vectors of
+the right shapes: speed does not depend on what they encode). Each timed run follows an untimed one (allocation, compilation);
 compile time is reported separately.
 """
 from __future__ import annotations
@@ -38,25 +40,26 @@ def timed(fn):
     return t1 - t0, time.perf_counter() - t1
 
 
-def runners(model, compile, K=8):
+def runners(model, thinking, compile, K=8):
     cfg = model.config
     n, d = cfg.num_hidden_layers, cfg.hidden_size
     dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
     g = torch.Generator().manual_seed(0)
-    sae = dict(W_enc=torch.randn(d, K, generator=g).to(dev), b_enc=torch.zeros(K, device=dev),
-               b_dec=torch.zeros(d, device=dev))
+    dr = thinking.config.hidden_size
+    sae = dict(W_enc=torch.randn(dr, K, generator=g).to(dev), b_enc=torch.zeros(K, device=dev),
+               b_dec=torch.zeros(dr, device=dev))
     vec = ((torch.randn(K, d, generator=g) * 0.5).to(dev, dt), torch.zeros(d, device=dev, dtype=dt))
-    kw = dict(sae_layer=n // 3, steer_layer=n // 2 - 2, compile=compile)
+    kw = dict(sae_layer=thinking.config.num_hidden_layers // 3, steer_layer=n // 2 - 2, compile=compile)
     return (Engine(model, compile=compile),
-            HybridModel(model, model, sae, vec, mode="routed", threshold=0.0, **kw),
-            HybridModel(model, model, sae, vec, coefficients=[0.5, 1.0], **kw))
+            HybridModel(model, thinking, sae, vec, mode="routed", threshold=0.0, **kw),
+            HybridModel(model, thinking, sae, vec, coefficients=[0.5, 1.0], **kw))
 
 
-def run(model, tok, batches, T, modes, prompt_len=48):
+def run(model, thinking, batches, T, modes, prompt_len=48):
     rows = []
-    V = model.config.vocab_size
+    V = min(model.config.vocab_size, thinking.config.vocab_size)
     g = torch.Generator().manual_seed(1)
-    variants = {False: runners(model, False), True: runners(model, True)}
+    variants = {False: runners(model, thinking, False), True: runners(model, thinking, True)}
     for B in batches:
         prompts = torch.randint(10, V, (B, prompt_len), generator=g).tolist()
         for compiled, (eng, hr, hp) in variants.items():
@@ -66,6 +69,7 @@ def run(model, tok, batches, T, modes, prompt_len=48):
                       smc=PowerSampler(model, method="smc", n_particles=4, **power))
             fns = dict(plain=lambda: eng.generate(prompts, T, eos_token_id=-1),
                        routed=lambda: hr.generate(prompts, prompts, T, eos_token_id=-1),
+                       lockstep=lambda: hr.generate(prompts, prompts, T, eos_token_id=-1, steer=False),
                        paper=lambda: hp.generate(prompts, prompts, T, eos_token_id=-1),
                        mh=lambda: ps["mh"].sample(prompts, generator=torch.Generator().manual_seed(2)),
                        smc=lambda: ps["smc"].sample(prompts, generator=torch.Generator().manual_seed(2)))
@@ -87,10 +91,11 @@ def run(model, tok, batches, T, modes, prompt_len=48):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--thinking", help="the thinking side (path, id or named default; default: --model)")
     ap.add_argument("--config", help="a bundled config with random weights instead of --model (e.g. qwen2.5-1.5b)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--modes", nargs="+", default=["plain", "routed", "paper", "mh", "smc"])
+    ap.add_argument("--modes", nargs="+", default=["plain", "lockstep", "routed", "paper", "mh", "smc"])
     ap.add_argument("--dtype", default=None, choices=[None, "fp32", "bf16"])
     add_output_flags(ap)
     a = ap.parse_args(argv)
@@ -98,11 +103,14 @@ def main(argv=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16).get(a.dtype)
     if a.config:
-        model, tok = model_from_config(bundled_config(a.config), dtype=dtype or torch.float32, device=dev), None
+        if a.thinking:
+            ap.error("--thinking goes with --model, not --config")
+        model = thinking = model_from_config(bundled_config(a.config), dtype=dtype or torch.float32, device=dev)
     else:
-        model, tok = load_model(a.model, dtype=dtype, device=dev)
+        model, _ = load_model(a.model, dtype=dtype, device=dev)
+        thinking = load_model(a.thinking, dtype=dtype, device=dev)[0] if a.thinking else model
     with torch.inference_mode():
-        rows = run(model, tok, a.batch, a.new_tokens, a.modes)
+        rows = run(model, thinking, a.batch, a.new_tokens, a.modes)
     for r in rows:
         base = next((x for x in rows if x["B"] == r["B"] and x["mode"] == "plain"
                      and x["compiled"] == r["compiled"]), None)
@@ -112,7 +120,12 @@ def main(argv=None):
             r["vs_plain"] = r["tok_s"] / base["tok_s"]
         if eager and r["compiled"]:
             r["compiled_vs_eager"] = r["tok_s"] / eager["tok_s"]
-    print(table(rows, ["B", "mode", "compiled", "tok_s", "vs_plain", "compiled_vs_eager", "first_call_s"]))
+        lock = next((x for x in rows if x["B"] == r["B"] and x["mode"] == "lockstep"
+                     and x["compiled"] == r["compiled"]), None)
+        if lock and r["mode"] == "routed":
+            r["routed_vs_lockstep"] = r["tok_s"] / lock["tok_s"]
+    print(table(rows, ["B", "mode", "compiled", "tok_s", "vs_plain", "routed_vs_lockstep",
+                       "compiled_vs_eager", "first_call_s"]))
     write(out.stem, dict(env=env_info(), args=vars(a), rows=rows), out)
 
 
