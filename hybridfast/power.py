@@ -180,13 +180,14 @@ class PowerSampler:
         return ops.sample_logprobs(logits, temperature, top_k=self.top_k, seed=rng.next_seed(),
                                    check_nan=False)
 
-    def prefill(self, cache, ch: Chains, n_tokens, tcache=None):
-        """Encode ``ch.tokens[b, :n_tokens[b]]`` into ``cache`` from slot 0 (one parallel pass) and
-        return the logits at each row's last position. With ``steer=`` the thinking model encodes
-        its own prompt plus the same generated tokens (``ch.tt``) up to ``sae_layer``, and every
+    def prefill(self, cache, tokens, n_tokens, ch: Optional[Chains] = None, tcache=None):
+        """Encode ``tokens[b, :n_tokens[b]]`` into ``cache`` from slot 0 (one parallel pass) and
+        return the logits at each row's last position. With ``steer=`` (``ch``: the chains whose
+        tokens these are) the thinking model encodes its own prompt plus the same generated tokens
+        (``ch.tt``) up to ``sae_layer``, and every
         position from the last prompt position on is steered by ``route_steer`` (as it was when
         generated)."""
-        m, tokens = self.m, ch.tokens
+        m = self.m
         S = int(n_tokens.max())
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device)
@@ -398,13 +399,13 @@ class PowerSampler:
         fresh caches whose rows are then copied in."""
         caches = [c for c, _ in run.caches]
         if len(idx) == run.R:
-            run.first, run.fresh = self.prefill(caches[0], run.cur, run.cur.P, run.tcache), None
+            run.first, run.fresh = self.prefill(caches[0], run.cur.tokens, run.cur.P, run.cur, run.tcache), None
         else:
             opts, n = self.compile_options, len(idx)
             sub = [new_cache(self.m, n, run.width, opts)]
             if self.steer is not None:
                 sub.append(new_cache(self.steer.thinking.m, n, run.twidth, opts, layers=len(caches[1].kv)))
-            logits = self.prefill(sub[0], new, new.P, sub[1] if len(sub) > 1 else None)
+            logits = self.prefill(sub[0], new.tokens, new.P, new, sub[1] if len(sub) > 1 else None)
             for c, s in zip(caches, sub):
                 c.write_rows_(idx, s)
             run.first = logits.new_zeros(run.R, logits.shape[1]).index_copy_(0, idx, logits)
@@ -426,7 +427,7 @@ class PowerSampler:
         cur, cache = run.cur, run.caches[0][0]
         L0, first, fresh = cur.lengths, run.first, run.fresh
         if not self.reuse:  # recompute: encode prompt + prefix of every row
-            first, fresh = self.prefill(cache, cur, cur.P + cur.lengths, run.tcache), None
+            first, fresh = self.prefill(cache, cur.tokens, cur.P + cur.lengths, cur, run.tcache), None
             run.counts.fw += torch.where(live, cur.P + cur.lengths, 0).sum()
         self._decode(cur, cache, cap, max_steps, rng, run.counts, first, fresh, run.tcache)
         run.counts.decoded += (cur.lengths - L0).sum()
@@ -454,7 +455,7 @@ class PowerSampler:
         mi = prop.lengths
         max_steps = int((pcap - mi).max())
         if not self.reuse:
-            first = self.prefill(pcache, prop, prop.P + mi, tpcache)
+            first = self.prefill(pcache, prop.tokens, prop.P + mi, prop, tpcache)
             run.counts.fw += torch.where(live, prop.P + mi, 0).sum()
             self._decode(prop, pcache, pcap, max_steps, rng, run.counts, first, tcache=tpcache)
             return
@@ -544,7 +545,7 @@ class PowerSampler:
         cum_lp = torch.zeros(N, dtype=torch.float64, device=dev)
         eos = torch.tensor(self.eos or [-1], device=dev)
         cache = new_cache(self.m, N, width, self.compile_options)
-        logits = self.prefill(cache, ch, ch.P)
+        logits = self.prefill(cache, ch.tokens, ch.P)
         fw = int(ch.P.sum())
         n_resample = 0
         a_prev = None
