@@ -230,3 +230,12 @@ def test_eval_power_mh_keeps_batch_size_chains_live(tmp_path):
         assert isinstance(r["output"], str) and r["tokens"] >= 1 and r["steered_tokens"] == 0
         assert r["mh_accepted"] and all(isinstance(a, bool) for a in r["mh_accepted"])
         assert r["run"]["method"] == "power-mh" and "rows" not in r["run"]["sample"]
+
+
+def test_compiled_step_with_refills_matches_eager(enum):
+    """Refilled rows reuse the one compiled decode step (static shapes: R rows, bucketed width)."""
+    from torch._dynamo.testing import CompileCounter
+    eager = [r.ids for r in _varied(enum, rows=5)[0]]
+    cc = CompileCounter()
+    assert [r.ids for r in _varied(enum, rows=5, compile={"backend": cc})[0]] == eager
+    assert cc.frame_count == 1
