@@ -3,6 +3,7 @@ hardware-independent): the per-batch prefix form (``share_prefixes=False``) vs s
 prefixes (the default), for the same examples, batches and seed.
 
     python bench/count_vector_prefix.py runs/demo        # a `hybridfast demo` output folder
+    python bench/count_vector_prefix.py runs/demo --time-epochs 2   # and time both forms (seconds)
 
 The folder needs traces.jsonl and sae/sentences.jsonl; examples are rebuilt with the demo's
 settings (``build_vector_examples(min_target_words=3, min_bias_words=5, n_train=64)``) and the
@@ -72,12 +73,34 @@ def count(examples, *, n_categories: int, d: int, batch_size: int, epochs: int, 
                 new_once=dict(prefix_nograd=total, prefix_nograd_padded=once_padded))
 
 
+def time_forms(model, examples, n_categories: int, *, epochs: int, batch_size: int, steer_layer: int) -> dict:
+    """Seconds of ``epochs`` epochs of category-vector training, per-batch prefixes vs shared
+    trace prefixes (same seed, so the same batches), with the largest difference of the vectors."""
+    import time
+    from hybridfast.steering import train_vectors
+    out, vecs = {}, {}
+    for name, share in (("per_batch", False), ("shared", True)):
+        t0 = time.perf_counter()
+        r = train_vectors(model, examples, n_categories, steer_layer, epochs=epochs,
+                          patience=epochs + 1, batch_size=batch_size, share_prefixes=share)
+        out[name] = time.perf_counter() - t0
+        vecs[name] = r.V
+    out["per_batch_vs_shared"] = out["per_batch"] / out["shared"]
+    out["max_abs_vector_difference"] = float((vecs["per_batch"] - vecs["shared"]).abs().max())
+    out["epochs"] = epochs
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a `hybridfast demo` output folder (traces.jsonl, sae/)")
     ap.add_argument("--model", default="smollm2-135m", help="tokenizer and KV size of this model")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steer-layer", type=int, default=12, help="--time-epochs: steering layer (the demo's: 12)")
+    ap.add_argument("--time-epochs", type=int, default=0,
+                    help="also train the category vectors for this many epochs with each form and "
+                         "report seconds (default: 0, counts only)")
     a = ap.parse_args(argv)
     from hybridfast.io import load_sae, read_jsonl
     from hybridfast.models import load_model
@@ -92,6 +115,9 @@ def main(argv=None):
     kw = dict(d=model.config.hidden_size, batch_size=a.batch_size, epochs=a.epochs,
               kv_bytes_per_token=_kv_bytes_per_token(model))
     out = dict(bias=count(bias, n_categories=1, **kw), categories=count(exs, n_categories=K, **kw))
+    if a.time_epochs:
+        out["seconds"] = time_forms(model, exs, K, epochs=a.time_epochs, batch_size=a.batch_size,
+                                    steer_layer=a.steer_layer)
     json.dump(out, sys.stdout, indent=1)
     print()
 
