@@ -64,6 +64,8 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--prefix-kv", nargs="+", default=["shared", "copy"], choices=["shared", "copy"],
                     help="how scalable rows read the prefix K/V (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row, median reported (default: %(default)s)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="time the first run too (CPU runs of large models, where a warm-up only doubles the cost)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny random model and tiny settings (overrides the flags above): checks the script runs")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -95,9 +97,10 @@ def _kv_bytes(m: DecoderModel, rows: int, slots: int) -> int:
     return rows * slots * m.n_layers * 2 * m.n_kv * m.head_dim * m.dtype.itemsize
 
 
-def _measure(fn, repeats: int):
+def _measure(fn, repeats: int, warmup: bool = True):
     """``(median seconds of repeats timed runs after a warm-up, last result, CUDA peak bytes or None)``."""
-    fn()
+    if warmup:
+        fn()
     times, out = [], None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -128,15 +131,15 @@ def run(a) -> tuple[list, dict]:
 
     eng = Engine(model)
     dt, out, cuda = _measure(lambda: eng.generate(prompts, a.T, temperature=1 / a.alpha, eos_token_id=eos,
-                                                   generator=gen()), a.repeats)
+                                                   generator=gen()), a.repeats, not a.no_warmup)
     record("plain", dt, int(out.lengths.sum()), out.token_forwards, _kv_bytes(m, n, S + a.T), cuda)
     power = dict(alpha=a.alpha, max_new_tokens=a.T, eos_token_id=eos)
     mh = PowerSampler(model, block_size=a.block, n_mcmc=a.n_mcmc, **power)
-    dt, out, cuda = _measure(lambda: mh.sample(prompts, generator=gen()), a.repeats)
+    dt, out, cuda = _measure(lambda: mh.sample(prompts, generator=gen()), a.repeats, not a.no_warmup)
     record("mh", dt, sum(len(r.ids) for r in out), mh.last_stats["token_forwards"],
            2 * _kv_bytes(m, n, S + a.T + 1), cuda)
     smc = PowerSampler(model, method="smc", n_particles=a.particles, **power)
-    dt, out, cuda = _measure(lambda: smc.sample(prompts, generator=gen()), a.repeats)
+    dt, out, cuda = _measure(lambda: smc.sample(prompts, generator=gen()), a.repeats, not a.no_warmup)
     record("smc", dt, sum(len(r.ids) for r in out), smc.last_stats["token_forwards"],
            _kv_bytes(m, n * a.particles, S + a.T + 1), cuda)
     scalable = dict(n_candidates=a.n_candidates, n_rollouts=a.n_rollouts, horizon=a.horizon,
@@ -144,7 +147,7 @@ def run(a) -> tuple[list, dict]:
     for variant in a.variants:
         for prefix_kv in a.prefix_kv:
             ps = PowerSampler(model, method="scalable", variant=variant, prefix_kv=prefix_kv, **scalable, **power)
-            dt, out, cuda = _measure(lambda: ps.sample(prompts, generator=gen()), a.repeats)
+            dt, out, cuda = _measure(lambda: ps.sample(prompts, generator=gen()), a.repeats, not a.no_warmup)
             st = ps.last_stats
             no_eos = sum(expected_token_forwards(a.T, len(p), variant=variant, **scalable) for p in prompts)
             record(f"scalable-{variant}-{prefix_kv}", dt, st["output_tokens"], st["token_forwards"],
