@@ -22,14 +22,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_output_flags, env_info, result_path, sync, table, write  # noqa: E402
+from common import bench_model, env_info, parse_with_smoke, result_path, sync, table, write  # noqa: E402
 
 from hybridfast.datasets import load_problems  # noqa: E402
 from hybridfast.engine import Engine  # noqa: E402
-from hybridfast.models import DEFAULT_MODEL, load_model  # noqa: E402
+from hybridfast.models import DEFAULT_MODEL  # noqa: E402
 from hybridfast.prompts import BASE_TEMPLATE, base_prompt  # noqa: E402
 from hybridfast.scheduler import Request  # noqa: E402
-from hybridfast.tiny import bundled_config, model_from_config  # noqa: E402
 
 SMOKE = dict(config="tiny-qwen2", requests=12, rows=4, min_tokens=2)
 
@@ -101,20 +100,11 @@ def main(argv=None):
     ap.add_argument("--compile", type=int, nargs="+", default=[0], choices=[0, 1],
                     help="0: eager, 1: compile=True (both: 0 1)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true", help="tiny model, seconds: checks the script runs")
-    add_output_flags(ap)
-    a = ap.parse_args(argv)
-    if a.smoke:
-        for k, v in SMOKE.items():
-            setattr(a, k, v)
+    a = parse_with_smoke(ap, argv, SMOKE)
     a.compile = [bool(c) for c in a.compile]
     out = result_path(ap, a, "batching-" + (a.config or os.path.basename(a.model.rstrip("/")).lower()))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.config:
-        model, tok, eos = model_from_config(bundled_config(a.config), seed=a.seed, device=dev), None, -1
-    else:
-        model, tok = load_model(a.model, device=dev)
-        eos = tok.eos_token_id
+    model, tok, eos = bench_model(a, dev)
     rows = run(a, model, tok, eos)
     print(table(rows, ["schedule", "compiled", "rows", "tokens", "tok_s", "idle_fraction", "steps",
                        "prefills"]))

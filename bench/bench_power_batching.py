@@ -21,13 +21,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_output_flags, env_info, result_path, sync, table, write  # noqa: E402
+from common import bench_model, env_info, parse_with_smoke, result_path, sync, table, write  # noqa: E402
 
 from hybridfast.datasets import load_problems  # noqa: E402
-from hybridfast.models import DEFAULT_MODEL, load_model  # noqa: E402
+from hybridfast.models import DEFAULT_MODEL  # noqa: E402
 from hybridfast.power import PowerSampler  # noqa: E402
 from hybridfast.prompts import BASE_TEMPLATE, base_prompt  # noqa: E402
-from hybridfast.tiny import bundled_config, model_from_config  # noqa: E402
 
 SMOKE = dict(config="tiny-qwen2", problems=6, rows=2, T=8, block=4)
 COUNTS = ("decoded_tokens", "token_forwards", "row_steps", "idle_row_steps")
@@ -67,19 +66,10 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--prompt-len", type=int, default=48, help="--config: random prompt tokens")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true", help="tiny model, seconds: checks the script runs")
-    add_output_flags(ap)
-    a = ap.parse_args(argv)
-    if a.smoke:
-        for k, v in SMOKE.items():
-            setattr(a, k, v)
+    a = parse_with_smoke(ap, argv, SMOKE)
     out = result_path(ap, a, "power-batching-" + (a.config or os.path.basename(a.model.rstrip("/")).lower()))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.config:
-        model, tok, eos = model_from_config(bundled_config(a.config), seed=a.seed, device=dev), None, -1
-    else:
-        model, tok = load_model(a.model, device=dev)
-        eos = tok.eos_token_id
+    model, tok, eos = bench_model(a, dev)
     prompts = prompts_for(a, model, tok)
     ps = PowerSampler(model, alpha=a.alpha, block_size=a.block, n_mcmc=a.n_mcmc, max_new_tokens=a.T,
                       eos_token_id=eos)

@@ -35,6 +35,29 @@ def add_output_flags(ap) -> None:
                          "with --out: replace an existing file")
 
 
+def parse_with_smoke(ap, argv, smoke: dict):
+    """Add ``--smoke`` and the output flags, parse ``argv``, and with ``--smoke`` set the
+    ``smoke`` settings (a tiny model and sizes) over the parsed values."""
+    ap.add_argument("--smoke", action="store_true", help="tiny model, seconds: checks the script runs")
+    add_output_flags(ap)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        for k, v in smoke.items():
+            setattr(a, k, v)
+    return a
+
+
+def bench_model(a, device):
+    """``(model, tokenizer, eos id)``: ``--config``'s random weights (no tokenizer, eos -1) or
+    ``--model`` (a named model, path or hub id) with its tokenizer's EOS."""
+    from hybridfast.models import load_model
+    from hybridfast.tiny import bundled_config, model_from_config
+    if a.config:
+        return model_from_config(bundled_config(a.config), seed=a.seed, device=device), None, -1
+    model, tok = load_model(a.model, device=device)
+    return model, tok, tok.eos_token_id
+
+
 def result_path(ap, a, name: str) -> Path:
     """Where a benchmark named ``name`` writes, from its ``--out``/``--overwrite`` flags (call it
     before the run: a refused path is a usage error, exit 2, before any time is spent)."""

@@ -239,3 +239,19 @@ def test_compiled_step_with_refills_matches_eager(enum):
     cc = CompileCounter()
     assert [r.ids for r in _varied(enum, rows=5, compile={"backend": cc})[0]] == eager
     assert cc.frame_count == 1
+
+
+def test_power_batching_benchmark_smoke(tmp_path):
+    """bench/bench_power_batching.py --smoke runs both schedules and reports consistent counts."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "pb.json"
+    r = subprocess.run([sys.executable, "bench/bench_power_batching.py", "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["schedule"]: x for x in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"static", "continuous"}
+    for x in rows.values():
+        assert x["problems"] == 6 and 0 < x["idle_row_steps"] < x["row_steps"]
+        assert x["decoded_tokens"] <= x["token_forwards"]
