@@ -39,7 +39,7 @@ from the final weights, plus the weights.
 ``method="scalable"`` — scalable power sampling (approximate; :mod:`hybridfast.scalable`): each
 token (``variant="token"``) or block (``variant="block"``) is drawn from ``n_candidates``
 candidates weighted by ``p^alpha`` times a future factor estimated with ``n_rollouts`` rollouts of
-up to ``horizon`` tokens, with an optional jackknife bias correction.
+up to ``horizon`` tokens, with an optional jackknife bias correction; ``steer=`` as with MH.
 """
 from __future__ import annotations
 
@@ -99,7 +99,12 @@ def expected_mh_token_forwards(max_new_tokens: int, block_size: int, n_mcmc: int
 
 class PowerSampler:
     """Sample from p^alpha with block-wise MH (exact), Power-SMC, or scalable power sampling
-    (approximate). See the module docstring."""
+    (approximate). See the module docstring.
+
+    ``steer=`` (``method="mh"`` or ``"scalable"``): a :class:`~hybridfast.hybrid.HybridModel` in
+    routed mode whose base model is ``model``. Every forward of the sampled model is then the
+    routed one (the thinking model's router reads the same tokens after its own prompt, given by
+    :meth:`sample`'s ``thinking_prompts``), so the target is p^alpha of the steered model."""
 
     def __init__(self, model, *, alpha: float = 4.0, block_size: int = 192, n_mcmc: int = 10,
                  max_new_tokens: int = 3072, top_k: Optional[int] = None, method: str = "mh",
@@ -125,8 +130,8 @@ class PowerSampler:
                                  "inside every forward pass of the sampled model)")
             if steer.base.hf is not model:
                 raise ValueError("steer=: the HybridModel's base model must be the sampled model")
-            if method != "mh":
-                raise NotImplementedError("steer= is supported with method='mh' only")
+            if method == "smc":
+                raise NotImplementedError("steer= is supported with method='mh' or 'scalable', not 'smc'")
         self.steer = steer
         if reject not in ("keep", "reprefill"):
             raise ValueError(f"reject must be 'keep' or 'reprefill', got {reject!r}")
@@ -302,17 +307,18 @@ class PowerSampler:
     def sample(self, prompts, *, n_chains: int = 1, generator: Optional[torch.Generator] = None,
                thinking_prompts=None, rows: Optional[int] = None):
         """Power-sample every prompt (``n_chains`` independent chains each for MH; for SMC one
-        selected particle per prompt and chain). With ``steer=``, ``thinking_prompts`` gives the
-        thinking model's prompt per problem. MH only: ``rows=R`` keeps at most ``R`` chains in the
-        cache with continuous batching (see :meth:`stream`); by default every chain gets a row.
+        selected particle per prompt and chain). With ``steer=`` (MH, scalable),
+        ``thinking_prompts`` gives the thinking model's prompt per problem. MH only: ``rows=R``
+        keeps at most ``R`` chains in the cache with continuous batching (see :meth:`stream`); by
+        default every chain gets a row.
         Returns a list of :class:`PowerResult`, chains of a prompt together, in prompt order."""
         if rows is not None and self.method != "mh":
             raise NotImplementedError("rows= (continuous batching) is supported with method='mh' only")
         if self.method == "smc":
             return self._smc(*self._chains(prompts, n_chains, None)[:2], RandomStream(generator, self.m.device))
         if self.method == "scalable":
-            return scalable.sample(self, *self._chains(prompts, n_chains, None)[:2],
-                                   RandomStream(generator, self.m.device))
+            chain_prompts, index, tp = self._chains(prompts, n_chains, thinking_prompts)
+            return scalable.sample(self, chain_prompts, index, RandomStream(generator, self.m.device), tp)
         out = {}
         for group in self._stream(prompts, n_chains, rows, generator, thinking_prompts):
             out.update(group)

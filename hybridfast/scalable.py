@@ -38,6 +38,13 @@ the prefix and one over the row's own tokens, merged by log-sum-exp). ``prefix_k
 such row gets a copy of the prefix cache (the copy-on-write alternative; the same samples up
 to float rounding at near-ties). The
 chosen candidate's K/V are copied into the row's cache, so the output itself costs no forward.
+``steer=`` (a routed :class:`~hybridfast.hybrid.HybridModel` over the sampled model): every
+forward of the sampled model (prefill, candidates, proposals, rollouts) is the routed one; the
+thinking model's router (blocks up to ``sae_layer``) reads the same tokens after its own prompt,
+with its own prefix cache and rows opened, selected and written back in step, and ``route_steer``
+applies to the residual entering ``steer_layer`` at every generated position (the position that
+produces a token is steered by the category routed there, as in routed generation). ``logp`` is
+then the routed model's; token-forwards count the sampled model's forwards only.
 Token-forwards per decision of the token variant: ``K`` (candidates) + ``K M (h - 1)`` (the
 rollouts' tokens but the last, whose log-probability comes from the step before), ``h = min(H,
 tokens left after the candidate)``; see :func:`expected_token_forwards`.
@@ -51,13 +58,15 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from . import ops
-from .engine import pad_id, pad_prompts
-from .model import KVCache
+from .chains import Chains
+from .engine import pad_id
+from .model import DecoderModel, KVCache
 
 __all__ = ["VARIANTS", "PREFIX_KV", "check_settings", "candidate_probs", "expected_token_forwards", "sample"]
 
@@ -140,6 +149,23 @@ def _bytes(cache: KVCache) -> int:
     return sum(t.numel() * t.element_size() for t in cache.kv)
 
 
+@dataclass
+class _Side:
+    """One model's part of the batch: the model, the cache of the batch rows (``main``), their
+    prompt lengths ``P [N]`` (padded to ``S``) and how many blocks this side runs (all of the
+    sampled model; the thinking model's router with ``steer=``: blocks ``0 .. sae_layer``)."""
+    m: DecoderModel
+    main: KVCache
+    P: torch.Tensor
+    S: int
+    n_layers: int
+
+    @classmethod
+    def new(cls, m: DecoderModel, P: torch.Tensor, T: int, n_layers: int) -> "_Side":
+        S = int(P.max())
+        return cls(m, m.new_cache(P.shape[0], S + T + 1, layers=n_layers), P, S, n_layers)
+
+
 def _copy_rows(run: "_Run", cache: KVCache, rows: torch.Tensor, written: int, slots: int,
                lengths: torch.Tensor) -> KVCache:
     """A cache of ``slots`` slots per row holding ``cache``'s ``rows``: their first ``written``
@@ -155,95 +181,133 @@ def _copy_rows(run: "_Run", cache: KVCache, rows: torch.Tensor, written: int, sl
 class _Branches:
     """``R`` rows per row of the batch that continue its sequence after its ``P + L`` cached
     tokens (candidates, block proposals, rollouts), all with the same number of own tokens fed so
-    far (``n``). ``prefix_kv="shared"``: ``cache`` holds only their own tokens and they attend over
-    the batch's cache for the prefix (``prefix_mask``); ``"copy"``: ``cache`` holds copies of the
-    batch's rows (``prefix_mask`` None)."""
+    far (``n``), on one side (``side``). ``prefix_kv="shared"``: ``cache`` holds only their own
+    tokens and they attend over the side's batch cache for the prefix (``prefix_mask``);
+    ``"copy"``: ``cache`` holds copies of the batch's rows (``prefix_mask`` None). With
+    ``steer=`` the sampled model's branches carry their twins on the thinking side (``think``):
+    opened, fed, selected and written back in step, the router reading the same tokens after
+    its own prompt."""
 
-    def __init__(self, run: "_Run", R: int, cache: KVCache, start: torch.Tensor, n: int,
-                 prefix_mask: Optional[torch.Tensor]):
-        self.run, self.R, self.cache, self.start, self.n = run, R, cache, start, n
-        self.prefix_mask = prefix_mask
+    def __init__(self, run: "_Run", side: _Side, R: int, cache: KVCache, start: torch.Tensor, n: int,
+                 prefix_mask: Optional[torch.Tensor], think: Optional["_Branches"]):
+        self.run, self.side, self.R, self.cache, self.start, self.n = run, side, R, cache, start, n
+        self.prefix_mask, self.think = prefix_mask, think
 
     @classmethod
     def open(cls, run: "_Run", R: int, capacity: int) -> "_Branches":
         """``R`` new rows per batch row, with room for ``capacity`` own tokens each."""
-        m, N = run.m, run.N
-        start = (run.P + run.L).repeat_interleave(R)            # position of each row's first own token
-        if run.ps.prefix_kv == "copy":
-            rows, prefix = torch.arange(N, device=m.device).repeat_interleave(R), run.S + run.L
-            cache = _copy_rows(run, run.main, rows, prefix, prefix + capacity, start.clone())
-            branches = cls(run, R, cache, start, 0, None)
-        else:
-            visible = torch.arange(run.S + run.L, device=m.device)[None, None, :] < (run.P + run.L)[:, None, None]
-            mask = torch.zeros(visible.shape, dtype=m.dtype, device=m.device).masked_fill_(~visible, float("-inf"))
-            branches = cls(run, R, m.new_cache(N * R, capacity), start, 0, mask)
+        think = None if run.think is None else cls._open(run, run.think, R, capacity, None)
+        branches = cls._open(run, run.base, R, capacity, think)
         run.note_peak(branches)
         return branches
+
+    @classmethod
+    def _open(cls, run: "_Run", side: _Side, R: int, capacity: int, think) -> "_Branches":
+        m, N = side.m, run.N
+        start = (side.P + run.L).repeat_interleave(R)           # position of each row's first own token
+        if run.ps.prefix_kv == "copy":
+            rows, prefix = torch.arange(N, device=m.device).repeat_interleave(R), side.S + run.L
+            cache = _copy_rows(run, side.main, rows, prefix, prefix + capacity, start.clone())
+            return cls(run, side, R, cache, start, 0, None, think)
+        visible = torch.arange(side.S + run.L, device=m.device)[None, None, :] < (side.P + run.L)[:, None, None]
+        mask = torch.zeros(visible.shape, dtype=m.dtype, device=m.device).masked_fill_(~visible, float("-inf"))
+        return cls(run, side, R, m.new_cache(N * R, capacity, layers=side.n_layers), start, 0, mask, think)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' own caches (with their thinking twins')."""
+        return _bytes(self.cache) + (0 if self.think is None else self.think.nbytes)
 
     def feed(self, tok: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``tok [N * R]``), return the logits after it; ``counted``: the
         rows whose forward counts as work (live rows of unfinished problems)."""
-        run, m = self.run, self.run.m
-        if self.prefix_mask is not None:
-            B = tok.shape[0]
-            pos = (self.start + self.n)[:, None]
-            slots = torch.full((B, 1), self.n, dtype=torch.int64, device=m.device)
-            plan = m.plan(pos, slots, torch.ones(B, 1, self.n + 1, dtype=torch.bool, device=m.device))
-            h = m.embed(tok[:, None])
-            for i in range(m.n_layers):
-                h = m.shared_prefix_block(i, h, plan, self.cache, run.main, self.prefix_mask)
-        else:
-            c = self.cache
-            h = m.run(m.embed(tok[:, None]), m.decode_plan(c, 0, run.S + run.L + self.n + 1), c, 0, m.n_layers)
-            c.lengths.add_(1)
+        x = None if self.think is None else self.think.forward(tok)
+        h = self.forward(tok, x)
+        self.run.forwards += counted.sum()
+        return self.side.m.logits(h)
+
+    def forward(self, tok: torch.Tensor, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This side's blocks on one more token per row; returns the last block's output ``[N *
+        R, d]``. With ``x`` (the thinking router's residual at the same token) ``route_steer``
+        applies to the residual entering ``steer_layer``, as :meth:`HybridModel.routed_forward`."""
+        m, hm = self.side.m, self.run.ps.steer
+        plan = self._plan()
+        split = self.side.n_layers if x is None else hm.steer_layer
+        h = self._blocks(m.embed(tok[:, None]), plan, 0, split)
+        if x is not None:
+            h = hm.route(h[:, 0], x)[0][:, None]
+        h = self._blocks(h, plan, split, self.side.n_layers)
+        if self.prefix_mask is None:
+            self.cache.lengths.add_(1)
         self.n += 1
-        run.forwards += counted.sum()
-        return m.logits(h[:, 0])
+        return h[:, 0]
+
+    def _plan(self):
+        m = self.side.m
+        if self.prefix_mask is None:
+            return m.decode_plan(self.cache, 0, self.side.S + self.run.L + self.n + 1)
+        B = self.start.shape[0]
+        slots = torch.full((B, 1), self.n, dtype=torch.int64, device=m.device)
+        return m.plan((self.start + self.n)[:, None], slots,
+                      torch.ones(B, 1, self.n + 1, dtype=torch.bool, device=m.device))
+
+    def _blocks(self, h: torch.Tensor, plan, start: int, stop: int) -> torch.Tensor:
+        m = self.side.m
+        if self.prefix_mask is None:
+            return m.run(h, plan, self.cache, start, stop)
+        for i in range(start, stop):
+            h = m.shared_prefix_block(i, h, plan, self.cache, self.side.main, self.prefix_mask)
+        return h
 
     def select(self, local: torch.Tensor) -> "_Branches":
         """New branches whose row ``(b, j)`` copies row ``local[b, j]`` of this one's batch row ``b``
         (``local [N, R']``): the slots written so far, the rest zeroed."""
-        N, R = local.shape
-        rows = (torch.arange(N, device=local.device)[:, None] * self.R + local).reshape(-1)
-        written = self.n if self.prefix_mask is not None else self.run.S + self.run.L + self.n
-        cache = _copy_rows(self.run, self.cache, rows, written, self.cache.kv[0].shape[2],
-                           self.cache.lengths.index_select(0, rows))
-        branches = _Branches(self.run, R, cache, self.start.index_select(0, rows), self.n, self.prefix_mask)
+        branches = self._select(local)
         self.run.note_peak(self, branches)
         return branches
 
+    def _select(self, local: torch.Tensor) -> "_Branches":
+        N, R = local.shape
+        rows = (torch.arange(N, device=local.device)[:, None] * self.R + local).reshape(-1)
+        written = self.n if self.prefix_mask is not None else self.side.S + self.run.L + self.n
+        cache = _copy_rows(self.run, self.cache, rows, written, self.cache.kv[0].shape[2],
+                           self.cache.lengths.index_select(0, rows))
+        think = None if self.think is None else self.think._select(local)
+        return _Branches(self.run, self.side, R, cache, self.start.index_select(0, rows), self.n,
+                         self.prefix_mask, think)
+
     def write_back(self, chosen: torch.Tensor, n: int) -> None:
         """Copy the K/V of the first ``n`` own tokens of row ``chosen[b]`` of each batch row ``b`` into
-        the batch's cache after its prefix."""
-        run = self.run
-        N = chosen.shape[0]
-        rows = torch.arange(N, device=chosen.device)
+        the side's batch cache after its prefix (and the thinking twins' into the router's)."""
+        run, main = self.run, self.side.main
+        rows = torch.arange(chosen.shape[0], device=chosen.device)
         j = torch.arange(n, device=chosen.device)[None, :]
-        dst = (run.P + run.L)[:, None] + j
+        dst = (self.side.P + run.L)[:, None] + j
         src = dst if self.prefix_mask is None else j
         src_rows = rows * self.R + chosen
-        for a, b in zip(run.main.kv, self.cache.kv):
+        for a, b in zip(main.kv, self.cache.kv):
             a[rows[:, None], :, dst] = b[src_rows[:, None], :, src]
-        run.copied_bytes += _bytes(run.main) // run.main.kv[0].shape[2] * n
+        run.copied_bytes += _bytes(main) // main.kv[0].shape[2] * n
+        if self.think is not None:
+            self.think.write_back(chosen, n)
 
 
 class _Run:
-    """One ``sample`` call: the batch's cache, tokens and counters, advanced a decision at a time
-    (every unfinished row has the same generated length ``L``)."""
+    """One ``sample`` call: the batch's caches (the sampled model's, and with ``steer=`` the
+    thinking router's), tokens and counters, advanced a decision at a time (every unfinished row
+    has the same generated length ``L``)."""
 
-    def __init__(self, ps, prompts: list, rng):
+    def __init__(self, ps, prompts: list, rng, thinking: Optional[list]):
         self.ps, self.m, self.rng = ps, ps.m, rng
         dev = self.m.device
         self.N, self.T = len(prompts), ps.max_new_tokens
-        pad = pad_id(ps.eos)
-        ids, self.P = pad_prompts(prompts, pad, dev)
-        self.S = ids.shape[1]
-        width = self.S + self.T + 1
-        self.tokens = torch.full((self.N, width), pad, dtype=torch.int64, device=dev)
-        self.tokens[:, : self.S] = ids
-        self.main = self.m.new_cache(self.N, width)
-        self.lp = torch.zeros(self.N, self.T, device=dev)
-        self.lq = torch.zeros(self.N, self.T, device=dev)
+        ch = Chains.from_prompts(prompts, pad=pad_id(ps.eos), n_gen=self.T, device=dev,
+                                 width=max(map(len, prompts)) + self.T + 1, thinking=thinking,
+                                 twidth=0 if thinking is None else max(map(len, thinking)))
+        self.tokens, self.P, self.lp, self.lq = ch.tokens, ch.P, ch.lp, ch.lq
+        self.base = _Side.new(self.m, self.P, self.T, self.m.n_layers)
+        hm = ps.steer
+        self.think = None if hm is None else _Side.new(hm.thinking.m, ch.Pt, self.T, hm.sae_layer + 1)
         self.length = torch.zeros(self.N, dtype=torch.int64, device=dev)
         self.done = torch.zeros(self.N, dtype=torch.bool, device=dev)
         self.eos = torch.tensor(ps.eos or [-1], device=dev)
@@ -252,11 +316,15 @@ class _Run:
         self.rollout_tokens = torch.zeros((), dtype=torch.int64, device=dev)
         self.proposal_tokens = torch.zeros((), dtype=torch.int64, device=dev)
         self.copied_bytes = 0
-        self.peak_bytes = _bytes(self.main)
-        self.logits = ps.prefill(self.main, self.tokens, self.P)
+        self.peak_bytes = self.main_bytes()
+        self.logits = ps.prefill(self.base.main, self.tokens, self.P, ch,
+                                 None if self.think is None else self.think.main)
+
+    def main_bytes(self) -> int:
+        return sum(_bytes(s.main) for s in (self.base, self.think) if s is not None)
 
     def note_peak(self, *branches: _Branches) -> None:
-        self.peak_bytes = max(self.peak_bytes, _bytes(self.main) + sum(_bytes(b.cache) for b in branches))
+        self.peak_bytes = max(self.peak_bytes, self.main_bytes() + sum(b.nbytes for b in branches))
 
     def sample_tokens(self, logits: torch.Tensor, temperature: float):
         return ops.sample_logprobs(logits, temperature, seed=self.rng.next_seed(), check_nan=False)
@@ -377,15 +445,17 @@ class _Run:
         self.done |= self.L >= self.T
 
 
-def sample(ps, prompts: list, prompt_index: list, rng) -> list:
+def sample(ps, prompts: list, prompt_index: list, rng, thinking: Optional[list] = None) -> list:
     """Scalable power sampling of every prompt (one entry per chain) with the settings of
-    ``ps`` (a :class:`~hybridfast.power.PowerSampler` with ``method="scalable"``); returns one
-    :class:`~hybridfast.power.PowerResult` per entry and sets ``ps.last_stats``: token-forwards,
-    output, rollout and proposal tokens, peak and copied K/V bytes (the batch's cache plus the
-    candidate/proposal and rollout rows alive at once), seconds."""
+    ``ps`` (a :class:`~hybridfast.power.PowerSampler` with ``method="scalable"``; with its
+    ``steer=``, ``thinking`` holds each entry's thinking prompt and every forward of the sampled
+    model is the routed one); returns one :class:`~hybridfast.power.PowerResult` per entry and
+    sets ``ps.last_stats``: token-forwards, output, rollout and proposal tokens, peak and copied
+    K/V bytes (the batch's cache plus the candidate/proposal and rollout rows alive at once, the
+    thinking router's included), seconds."""
     from .power import PowerResult
     t0 = time.perf_counter()
-    run = _Run(ps, prompts, rng)
+    run = _Run(ps, prompts, rng, thinking)
     run.run()
     length, toks, lp, lq, P = (x.cpu() for x in (run.length, run.tokens, run.lp, run.lq, run.P))
     out = []
