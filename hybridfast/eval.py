@@ -19,12 +19,12 @@ file (path + sha256) in ``run.data``. ``run_id`` hashes the run without
 plus its sha256 when it is at most 1 MiB or its mtime when larger. Problem ids come from content:
 MATH500's unique_id, else a hash of the question.
 
-Steered methods (hybrid-paper, hybrid-routed, power-hybrid) take --sae-layer and --steer-layer
+Steered methods (hybrid-paper, hybrid-routed, power-hybrid, power-hybrid-scalable) take --sae-layer and --steer-layer
 from the artifacts (flags that differ are refused unless --override-artifact-settings; an older
 artifact that records no layer needs the flag), need the same K in both artifacts and finite
 tensors, and refuse an artifact made with another model (same override). Routed methods use the
-coefficients / threshold the vectors record, when they record them. power-hybrid reports the
-tokens it steered, recomputed from each sample's prefixes with one thinking-model forward.
+coefficients / threshold the vectors record, when they record them. power-hybrid (steered MH)
+and power-hybrid-scalable (steered scalable power sampling) report the tokens they steered, recomputed from each sample's prefixes with one thinking-model forward.
 
 --dtype auto (the default) runs the models in their stored dtype on CPU and in bf16 on CUDA.
 
@@ -77,9 +77,12 @@ __all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "metho
 _PROMPTS = {"base": ("base",), "thinking": ("thinking",), "low-temp": ("power",),
             "hybrid-paper": ("base", "thinking"), "hybrid-routed": ("base", "thinking"),
             "power-mh": ("power",), "power-smc": ("power",), "power-scalable": ("power",),
-            "power-hybrid": ("power", "thinking")}
+            "power-hybrid": ("power", "thinking"), "power-hybrid-scalable": ("power", "thinking")}
 METHODS = tuple(_PROMPTS)
-STEERED_METHODS = ("hybrid-paper", "hybrid-routed", "power-hybrid")   # need --sae and --vectors
+STEERED_METHODS = ("hybrid-paper", "hybrid-routed", "power-hybrid", "power-hybrid-scalable")   # need --sae and --vectors
+# the methods that sample with the routed hybrid model (PowerSampler steer=), and those of the scalable sampler
+POWER_HYBRID = ("power-hybrid", "power-hybrid-scalable")
+SCALABLE_METHODS = ("power-scalable", "power-hybrid-scalable")
 # the power methods' defaults (the block size defaults to max(1, max_new_tokens // 4))
 ALPHA, N_MCMC, N_PARTICLES = 4.0, 2, 8
 # power-scalable's flags and the PowerSampler settings they set (unset ones keep PowerSampler's defaults)
@@ -229,12 +232,13 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
     if method.startswith("power-"):
         power = dict(alpha=float(alpha), block_size=block_size or max(1, max_new_tokens // 4), n_mcmc=n_mcmc,
                      max_new_tokens=max_new_tokens)
-        if method != "power-hybrid":
+        if method in SCALABLE_METHODS:
+            power["method"] = "scalable"
+            power.update(scalable or {})
+        elif method != "power-hybrid":
             power["method"] = method.split("-", 1)[1]
         if method == "power-smc":
             power["n_particles"] = n_particles
-        if method == "power-scalable":
-            power.update(scalable or {})
         p["power"] = _call_params(PowerSampler.__init__, power, ("model", "tokenizer", "eos_token_id", "steer"))
         p["sample"] = _call_params(PowerSampler.sample, {}, ("prompts", "generator", "thinking_prompts", "rows"))
     return p
@@ -246,7 +250,7 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     steered_tokens, ...))]`` for method ``name``, run with ``params`` (from :func:`method_params`).
     Plain and hybrid methods decode ``rows`` problems at a time with continuous batching and yield
     each group of problems as it finishes, MH power methods keep ``rows`` chains live the same way
-    (:meth:`PowerSampler.stream`), power-smc and power-scalable yield batches of ``rows`` problems. Each model reads prompts made and encoded with its own
+    (:meth:`PowerSampler.stream`), power-smc and the scalable methods yield batches of ``rows`` problems. Each model reads prompts made and encoded with its own
     tokenizer; outputs are decoded with the tokenizer of the model that wrote them."""
     from .engine import Engine
     from .prompts import BASE_TEMPLATE, POWER_TEMPLATE, thinking_prompt
@@ -296,7 +300,7 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
                                           **token_fields(r, btok, vectors.names))) for i, r in group]
         return answers
     from .power import PowerSampler
-    steer = hybrid() if name == "power-hybrid" else None
+    steer = hybrid() if name in POWER_HYBRID else None
     ps = PowerSampler(models.base, **params["power"], tokenizer=btok, eos_token_id=btok.eos_token_id, steer=steer)
 
     def answered(problems, res, thinking):
@@ -314,8 +318,9 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
                 yield answered(problems, res, thinking)
             return
         for i in range(0, len(problems), rows):
+            part = thinking and thinking[i: i + rows]
             yield answered(problems[i: i + rows], ps.sample(prompts[i: i + rows], **params["sample"],
-                                                            generator=generator()), None)
+                                                            generator=generator(), thinking_prompts=part), part)
     return answers
 
 
@@ -459,8 +464,8 @@ def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_t
                                  if key not in ("variant", "jackknife"))):
         if value is not None and value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}")
-    if method == "power-scalable":
-        _check_scalable(scalable or {})
+    if method in SCALABLE_METHODS:
+        _check_scalable(scalable or {}, method)
     dtype_name(dtype, model)          # an unknown --dtype is a UserError
     if model == "tiny" and thinking is not None:
         raise UserError("--model tiny is the bundled pair (base and thinking): drop --thinking")
@@ -473,8 +478,8 @@ def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_t
         raise UserError(f"--method {method} needs --sae and --vectors")
 
 
-def _check_scalable(given: dict) -> None:
-    """power-scalable's settings (``given``, PowerSampler's defaults for the rest) agree with each other,
+def _check_scalable(given: dict, method: str) -> None:
+    """power-scalable's (and power-hybrid-scalable's) settings (``given``, PowerSampler's defaults for the rest) agree with each other,
     else a :class:`UserError` (e.g. the jackknife with one rollout)."""
     from .power import PowerSampler
     from .scalable import check_settings
@@ -482,7 +487,7 @@ def _check_scalable(given: dict) -> None:
     try:
         check_settings(**{k: s[k] for k in (*SCALABLE_FLAGS.values(), "prefix_kv")}, vocab_size=None)
     except ValueError as e:
-        raise UserError(f"--method power-scalable: {e}") from None
+        raise UserError(f"--method {method}: {e}") from None
 
 
 def _reason(e: Exception) -> str:
@@ -655,7 +660,7 @@ def _eval_parser() -> ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4, help="rows decoded at once (>= 1; not part of the run): plain and hybrid methods "
                     "refill a row as soon as its problem ends (continuous batching); MH power methods keep this many "
-                    "chains live, refilled as chains end; power-smc and power-scalable sample this many problems per batch")
+                    "chains live, refilled as chains end; power-smc and the scalable methods sample this many problems per batch")
     ap.add_argument("--sae", help="SAE folder (router) for the steered methods, from `hybridfast discover`")
     ap.add_argument("--vectors", help="steering-vectors folder for the steered methods, from "
                                       "`hybridfast train-vectors`")
@@ -675,16 +680,16 @@ def _eval_parser() -> ArgumentParser:
     ap.add_argument("--n-particles", type=int, default=N_PARTICLES,
                     help="power-smc: particles per problem (>= 1; default: %(default)s)")
     ap.add_argument("--variant", choices=["token", "block"],
-                    help="power-scalable: one token per decision, or blocks of --block-size (default: token)")
+                    help="power-(hybrid-)scalable: one token per decision, or blocks of --block-size (default: token)")
     ap.add_argument("--n-candidates", type=int,
-                    help="power-scalable: candidates K per decision (>= 1; default: 8)")
+                    help="power-(hybrid-)scalable: candidates K per decision (>= 1; default: 8)")
     ap.add_argument("--n-rollouts", type=int,
-                    help="power-scalable: rollouts M per candidate (>= 1, >= 2 with the jackknife; default: 8)")
-    ap.add_argument("--horizon", type=int, help="power-scalable: rollout tokens H at most (>= 1; default: 192)")
+                    help="power-(hybrid-)scalable: rollouts M per candidate (>= 1, >= 2 with the jackknife; default: 8)")
+    ap.add_argument("--horizon", type=int, help="power-(hybrid-)scalable: rollout tokens H at most (>= 1; default: 192)")
     ap.add_argument("--n-proposals", type=int,
-                    help="power-scalable --variant block: proposed blocks L per decision (>= K; default: 32)")
+                    help="power-(hybrid-)scalable --variant block: proposed blocks L per decision (>= K; default: 32)")
     ap.add_argument("--no-jackknife", dest="jackknife", action="store_const", const=False,
-                    help="power-scalable: no jackknife bias correction")
+                    help="power-(hybrid-)scalable: no jackknife bias correction")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("--ray", action="store_true", help="shard problems across Ray workers")
     ap.add_argument("--workers", type=int, default=2, help="Ray workers with --ray (default: %(default)s)")
