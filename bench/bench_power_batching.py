@@ -5,11 +5,12 @@ fraction of decode row-steps spent on rows whose chain had nothing to do.
     python bench/bench_power_batching.py --config qwen2.5-1.5b --problems 32 --rows 8
     python bench/bench_power_batching.py --smoke             # seconds (tiny model), checks the script
 
-*Static*: the problems run ``rows`` chains at a time, each group until its slowest chain ends
-(what ``hybridfast eval --method power-mh`` did before). *Continuous*: ``PowerSampler.sample(...,
-rows=R)`` keeps ``R`` chains live and admits the next problem into a row as soon as its chain
-ends. Chains are sampled, so the two schedules draw different (equally valid) chains: compare
-rates and counts, not tokens.
+*Static*: the problems run ``rows`` chains at a time in lockstep rounds, each group until its
+slowest chain ends (what ``hybridfast eval --method power-mh`` did first). *Continuous*:
+``PowerSampler.sample(..., rows=R)`` keeps ``R`` chains live, steps every row on its own (each
+extension or MH step settles when it ends) and admits the next problem into a row as soon as its
+chain ends. Chains are sampled, so the two schedules draw different (equally valid) chains:
+compare rates and counts, not tokens.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from hybridfast.power import PowerSampler  # noqa: E402
 from hybridfast.prompts import BASE_TEMPLATE, base_prompt  # noqa: E402
 
 SMOKE = dict(config="tiny-qwen2", problems=6, rows=2, T=8, block=4)
-COUNTS = ("decoded_tokens", "token_forwards", "row_steps", "idle_row_steps")
+COUNTS = ("decoded_tokens", "token_forwards", "row_steps", "idle_row_steps", "host_syncs")
 
 
 def prompts_for(a, model, tok) -> list[list[int]]:
@@ -83,7 +84,7 @@ def main(argv=None):
                              idle_fraction=r["idle_row_steps"] / max(1, r["row_steps"]), **r))
             print(rows[-1], flush=True)
     print(table(rows, ["schedule", "rows", "seconds", "decoded_tok_s", "token_forwards", "row_steps",
-                       "idle_fraction"]))
+                       "idle_fraction", "host_syncs"]))
     write(out.stem, dict(env=env_info(), args=vars(a), rows=rows), out)
 
 

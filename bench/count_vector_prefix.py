@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hybridfast.steering import PREFIX_CACHE_BYTES, PREFIX_MIN, _batches, group_prefixes
+from hybridfast.steering import PREFIX_CACHE_BYTES, PREFIX_MIN, example_batches, group_prefixes
 
 
 def count(examples, *, n_categories: int, d: int, batch_size: int, epochs: int, seed: int = 0,
@@ -44,7 +44,7 @@ def count(examples, *, n_categories: int, d: int, batch_size: int, epochs: int, 
     old = dict(prefix_nograd=0, prefix_in_grad_pass=0, grad_pass=0)
     new = dict(prefix_nograd=0, grad_pass=0)
     for _ in range(epochs):
-        for idx in _batches(examples, batch_size, g):
+        for idx in example_batches(examples, batch_size, g):
             rows = [examples[i] for i in idx]
             B = len(rows)
             p = [len(e.prompt_ids) for e in rows]
@@ -104,7 +104,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from hybridfast.io import load_sae, read_jsonl
     from hybridfast.models import load_model
-    from hybridfast.steering import _kv_bytes_per_token
+    from hybridfast.steering import kv_bytes_per_token
     from hybridfast.taxonomy import build_vector_examples, read_annotations
     model, tok = load_model(a.model)
     run = Path(a.run)
@@ -113,7 +113,7 @@ def main(argv=None):
     exs, bias = build_vector_examples(traces, ann, model, tok, K, min_target_words=3, min_bias_words=5,
                                       n_train=64)
     kw = dict(d=model.config.hidden_size, batch_size=a.batch_size, epochs=a.epochs,
-              kv_bytes_per_token=_kv_bytes_per_token(model))
+              kv_bytes_per_token=kv_bytes_per_token(model))
     out = dict(bias=count(bias, n_categories=1, **kw), categories=count(exs, n_categories=K, **kw))
     if a.time_epochs:
         out["seconds"] = time_forms(model, exs, K, epochs=a.time_epochs, batch_size=a.batch_size,

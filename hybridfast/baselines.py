@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .engine import _eos_ids, pad_id
+from .engine import eos_ids, pad_id
 
 __all__ = ["routed_generate_hooks", "paper_mode_recompute", "steering_hook"]
 
@@ -62,7 +62,7 @@ def routed_generate_hooks(base, thinking, sae, vectors, *, sae_layer, steer_laye
     coef = torch.as_tensor(coefficients, dtype=torch.float32).reshape(-1)
     if coef.numel() == 1:
         coef = coef.expand(V.shape[0])
-    eos = _eos_ids(base, eos_token_id)
+    eos = eos_ids(base, eos_token_id)
     out = []
     for pb, pt in zip(base_prompts, thinking_prompts):
         st = {"cache": None, "x": None, "cats": []}
@@ -117,8 +117,8 @@ def paper_mode_recompute(hm, base_prompts, thinking_prompts, max_new_tokens, *, 
     base, thinking = hm.base.hf, hm.thinking.hf
     dev = hm.base.m.device
     sae = hm.sae
-    V, bias = hm._V, hm._bias
-    eos = set(_eos_ids(base, eos_token_id))
+    V, bias = hm.V, hm.bias
+    eos = set(eos_ids(base, eos_token_id))
     coefs = [float(c) for c in hm.coefs.tolist()]
     results = []
     for pb, pt in zip(base_prompts, thinking_prompts):
@@ -171,7 +171,7 @@ def power_official(model, prompt, *, alpha=4.0, block_size=192, n_mcmc=10, max_n
     Returns ``(ids, stats)`` with token-forwards counted as context + new - 1 per call.
     """
     dev = next(model.parameters()).device
-    eos = _eos_ids(model, eos_token_id)
+    eos = eos_ids(model, eos_token_id)
     g = generator if generator is not None else torch.Generator(device=dev)
     P = len(prompt)
     fw = decoded = 0

@@ -67,6 +67,17 @@ class Chains:
             else:
                 t.index_copy_(0, where, o)
 
+    def settle_(self, rows: torch.Tensor, accept: torch.Tensor, proposal: "Chains") -> None:
+        """In place, in these chains and in ``proposal``: rows ``rows [n]`` of both become the
+        proposal's where ``accept [n]`` is true, else these chains' (the outcome of a
+        Metropolis-Hastings step, held by both)."""
+        for k, t in self._tensors().items():
+            o = getattr(proposal, k)
+            a = accept.view(-1, *([1] * (t.ndim - 1)))
+            new = torch.where(a, o.index_select(0, rows), t.index_select(0, rows))
+            t.index_copy_(0, rows, new)
+            o.index_copy_(0, rows, new)
+
     def append_(self, tok: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor,
                 active: torch.Tensor) -> None:
         """Rows where ``active`` get one generated token ``tok`` with its log-probs (positions

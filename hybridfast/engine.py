@@ -70,7 +70,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
     return ids.to(device), torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
 
 
-def _eos_ids(model, eos_token_id) -> list[int]:
+def eos_ids(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         eos_token_id = getattr(model.generation_config, "eos_token_id", None) if \
             getattr(model, "generation_config", None) is not None else None
@@ -162,7 +162,7 @@ class Engine:
                   eos_token_id=None, compact: bool = True) -> Scheduler:
         """A continuous-batching scheduler of plain decoding over ``rows`` cache rows of
         ``capacity`` tokens (see :mod:`hybridfast.scheduler`)."""
-        eos = _eos_ids(self.hf, eos_token_id)
+        eos = eos_ids(self.hf, eos_token_id)
         mode = PlainMode(self, temperature, top_k, generator, pad_id(eos))
         return Scheduler(mode, rows=rows, capacities=[capacity], eos=eos, pad=pad_id(eos),
                          sync_every=self.sync_every, compact=compact)
@@ -195,7 +195,7 @@ class Engine:
             prompts, max_new_tokens, rows=rows or len(prompts), temperature=temperature, top_k=top_k,
             generator=generator, eos_token_id=eos_token_id) for c in group}
         out = Generation.from_completions([done[i] for i in range(len(done))],
-                                         pad_id(_eos_ids(self.hf, eos_token_id)))
+                                         pad_id(eos_ids(self.hf, eos_token_id)))
         st = self.last_stats
         out.steps, out.extra = max(out.lengths.tolist()), st
         out.token_forwards = st["prefill_tokens"] + st["row_steps"]

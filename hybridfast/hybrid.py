@@ -33,7 +33,7 @@ import torch
 from . import ops
 from .artifacts import as_sae, as_vectors
 from .compiled import compile_step
-from .engine import Engine, _eos_ids, pad_id, pad_prompts, sample
+from .engine import Engine, eos_ids, pad_id, pad_prompts, sample
 from .model import KVCache
 from .ops.rng import RandomStream
 from .scheduler import Request, Scheduler
@@ -140,8 +140,9 @@ class HybridModel:
             raise ValueError(f"windows must be non-negative widths (0 = all positions), got {windows}")
         dev = mb.device
         self._router = self.sae.to(device=dev, dtype=torch.float32)
-        self._V = self.vectors.V.to(device=dev, dtype=mb.dtype)
-        self._bias = None if self.vectors.bias is None else self.vectors.bias.to(device=dev, dtype=mb.dtype)
+        #: the steering vectors [K, d] and bias on the base model's device, in its dtype
+        self.V = self.vectors.V.to(device=dev, dtype=mb.dtype)
+        self.bias = None if self.vectors.bias is None else self.vectors.bias.to(device=dev, dtype=mb.dtype)
         if mode == "paper":
             coefficients = PAPER_COEFFICIENTS if coefficients is None else coefficients
             self.coefs = torch.as_tensor(list(coefficients), dtype=torch.float32, device=dev).reshape(-1)
@@ -164,13 +165,14 @@ class HybridModel:
         """route_steer with this model's SAE, vectors and coefficients. The first call of a
         generation (the prefill, eager) validates shapes; decode steps skip the checks."""
         r = self._router
-        return ops.route_steer(h, x.to(torch.float32), r.W_enc, r.b_enc, r.b_dec, self._V,
-                               None if coefs_expand else self.coefs, bias=self._bias,
+        return ops.route_steer(h, x.to(torch.float32), r.W_enc, r.b_enc, r.b_dec, self.V,
+                               None if coefs_expand else self.coefs, bias=self.bias,
                                x_mean=r.x_mean, normalize=r.normalize, threshold=self.threshold,
                                coefs=self.coefs if coefs_expand else None, check_nan=False,
                                validate=validate)
 
-    def _encode(self, prompts, tok):
+    def encode_prompts(self, prompts, tok):
+        """Token ids of ``prompts`` (strings through ``tok``, a side's tokenizer; ids as given)."""
         if len(prompts) and isinstance(prompts[0], str):
             if tok is None:
                 raise ValueError("string prompts need base_tokenizer/thinking_tokenizer")
@@ -224,8 +226,8 @@ class HybridModel:
 
     def _prompts(self, base_prompts, thinking_prompts, max_new_tokens):
         """Both sides' prompts as id lists, checked."""
-        pb = self._encode(base_prompts, self.tok_b)
-        pt = self._encode(thinking_prompts, self.tok_t)
+        pb = self.encode_prompts(base_prompts, self.tok_b)
+        pt = self.encode_prompts(thinking_prompts, self.tok_t)
         if len(pb) != len(pt):
             raise ValueError(f"{len(pb)} base prompts but {len(pt)} thinking prompts")
         if len(pb) == 0:
@@ -238,7 +240,7 @@ class HybridModel:
                   eos_token_id=None, compact: bool = True) -> Scheduler:
         """A continuous-batching scheduler of ``mode`` (:class:`PaperMode` or :class:`RoutedMode`)
         over ``rows`` rows; requests carry (base prompt, thinking prompt)."""
-        eos = _eos_ids(self.base.hf, eos_token_id)
+        eos = eos_ids(self.base.hf, eos_token_id)
         return Scheduler(mode, rows=rows, capacities=[capacity_b, capacity_t], eos=eos,
                          pad=pad_id(eos), sync_every=self.base.sync_every, compact=compact)
 

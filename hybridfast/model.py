@@ -73,6 +73,19 @@ class KVCache:
             torch.where(m, o, t, out=t)
         torch.where(mask, other.lengths, self.lengths, out=self.lengths)
 
+    def settle_rows_(self, rows: torch.Tensor, accept: torch.Tensor, proposal: "KVCache") -> None:
+        """In place, in this cache and in ``proposal`` (same shape): rows ``rows [n]`` of both
+        become the proposal's where ``accept [n]`` is true, else this cache's (where a
+        Metropolis-Hastings step ends, both caches hold its outcome; only those rows move)."""
+        a = accept.view(-1, 1, 1, 1)
+        for t, o in zip(self.kv, proposal.kv):
+            new = torch.where(a, o.index_select(0, rows), t.index_select(0, rows))
+            t.index_copy_(0, rows, new)
+            o.index_copy_(0, rows, new)
+        new = torch.where(accept, proposal.lengths.index_select(0, rows), self.lengths.index_select(0, rows))
+        self.lengths.index_copy_(0, rows, new)
+        proposal.lengths.index_copy_(0, rows, new)
+
     def copy_rows_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """In place: rows ``dst`` become copies of rows ``src`` (KV and lengths)."""
         for t in self.kv:

@@ -22,13 +22,17 @@ suffix; on accept the proposal's rows are copied back, on reject nothing is reco
 gives the same chains for the same seed. A chain's state is a :class:`~hybridfast.chains.Chains`
 row; the proposal is a clone, accepting is one masked write of the chains and of the cache rows.
 
-By default chains of all prompts (``n_chains`` per prompt) advance in one batch, block by block;
-rows that are done idle (they re-feed their last token, rewriting identical KV). ``rows=R``
-(:meth:`PowerSampler.stream`) keeps at most ``R`` chains in the cache and works in rounds: each
-live chain extends by up to one block to its own cap, then runs ``n_mcmc`` MH steps with its own
-cap and Hastings term (exactly the per-row MH above); chains that ended leave after the round and
-queued chains are prefilled into their rows. Both count decode steps and idle row-steps (rows
-stepped while their chain had nothing to do) in ``last_stats``.
+By default chains of all prompts (``n_chains`` per prompt) advance in one batch in lockstep
+rounds (every chain extends by one block, then takes ``n_mcmc`` MH steps together); rows that are
+done idle (they re-feed their last token, rewriting identical KV), and every row waits for the
+longest suffix of each step. ``rows=R`` (:meth:`PowerSampler.stream`; KV reuse with
+``reject="keep"``) keeps at most ``R`` chains in the cache and steps each row on its own: a
+row's phase (its chain's extension by one block, or one MH step) ends at EOS or its cap, is
+settled at the next sync point (accept or reject, one cache row copied), and the row begins its
+next phase, or, when its chain is done, takes the next queued chain (prefilled into that row).
+Every chain runs exactly the per-row MH above (its own caps and Hastings term). Both count decode
+steps, idle row-steps (rows stepped while their chain had nothing to do) and host
+synchronisations in ``last_stats``.
 
 ``method="smc"`` — Power-SMC: ``n_particles`` per prompt decoded in one batch with the same
 proposal, incremental log-weights ``alpha * lp - lq``, multinomial resampling (KV rows copied by
@@ -54,7 +58,7 @@ import torch
 from . import ops, scalable
 from .compiled import bucketed, compile_options, compile_step, new_cache
 from .chains import Chains
-from .engine import DecoderModel, _eos_ids, pad_id
+from .engine import DecoderModel, eos_ids, pad_id
 from .model import KVCache
 from .ops.rng import RandomStream
 
@@ -157,7 +161,7 @@ class PowerSampler:
         self.horizon, self.n_proposals, self.jackknife = int(horizon), int(n_proposals), bool(jackknife)
         self.prefix_kv = prefix_kv
         self.tokenizer = tokenizer
-        self.eos = _eos_ids(model, eos_token_id)
+        self.eos = eos_ids(model, eos_token_id)
         self.sync_every = sync_every
         #: torch.compile options of the decode step (None: eager); see hybridfast.compiled
         self.compile_options = compile_options(compile, self.m.device)
@@ -282,8 +286,10 @@ class PowerSampler:
             ch.append_(tok, lp, lq, active)
             ch.eos = ch.eos | (active & torch.isin(tok, eos))
             active = active & ~ch.eos & (ch.lengths < cap)
-            if (t + 1) % self.sync_every == 0 and not bool(active.any()):
-                break
+            if (t + 1) % self.sync_every == 0:
+                counts.syncs += 1
+                if not bool(active.any()):
+                    break
 
     # ------------------------------------------------------------------ public
     def _chains(self, prompts, n_chains: int, thinking_prompts):
@@ -296,7 +302,7 @@ class PowerSampler:
         if self.steer is not None:
             if thinking_prompts is None or len(thinking_prompts) != len(pr):
                 raise ValueError("steer= needs one thinking prompt per prompt (thinking_prompts=)")
-            tp = self.steer._encode(list(thinking_prompts), self.steer.tok_t)
+            tp = self.steer.encode_prompts(list(thinking_prompts), self.steer.tok_t)
             for i, p in enumerate(tp):
                 if not p:
                     raise ValueError(f"thinking prompt {i} is empty")
@@ -330,14 +336,12 @@ class PowerSampler:
     @torch.inference_mode()
     def stream(self, prompts, *, rows: int, n_chains: int = 1,
                generator: Optional[torch.Generator] = None, thinking_prompts=None):
-        """MH with continuous batching: at most ``rows`` chains live in the cache. Work proceeds in
-        rounds (each live chain extends by up to one block to its own cap, then ``n_mcmc`` MH
-        steps); after each round the chains that ended (EOS, or their last block done) leave and
-        queued chains are prefilled into the freed rows. Yields the results of each round that
-        finished some, in the order they finish (``prompt_index`` says whose); ``last_stats`` is
-        set once the stream is exhausted. Every chain runs the MH of the static batch (its own
-        caps and Hastings term), but its random draws depend on the schedule: same prompts,
-        ``rows`` and seed, same output."""
+        """MH with continuous batching: at most ``rows`` chains live in the cache, each row stepped
+        on its own (module docstring); when a chain ends, the next queued one is prefilled into its
+        row. Yields the chains that ended at each sync point, in the order they end
+        (``prompt_index`` says whose); ``last_stats`` is set once the stream is exhausted. Every
+        chain runs the MH of the static batch (its own caps and Hastings term), but its random
+        draws depend on the schedule: same prompts, ``rows`` and seed, same output."""
         if self.method != "mh":
             raise NotImplementedError("stream() is MH with continuous batching (method='mh')")
         for group in self._stream(prompts, n_chains, rows, generator, thinking_prompts):
@@ -346,28 +350,119 @@ class PowerSampler:
     def _stream(self, prompts, n_chains, rows, generator, thinking_prompts):
         if rows is not None and int(rows) < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
+        if rows is not None and not (self.reuse and self.reject == "keep"):
+            raise NotImplementedError("rows= (continuous batching) needs KV reuse with reject='keep' "
+                                      f"(got reuse={self.reuse}, reject={self.reject!r})")
         chain_prompts, index, tp = self._chains(prompts, n_chains, thinking_prompts)
         rng = RandomStream(generator, self.m.device)
-        return self._mh(chain_prompts, index, rng, tp, rows)
+        if rows is None:
+            return self._mh(chain_prompts, index, rng, tp)
+        return self._mh_async(chain_prompts, index, rng, tp, min(int(rows), len(chain_prompts)))
 
     # ------------------------------------------------------------------ MH
-    def _mh(self, prompts, prompt_index, rng, thinking=None, rows=None):
-        """Run MH chains for ``prompts`` in ``rows`` cache rows (default: one each); yields
+    def _mh(self, prompts, prompt_index, rng, thinking=None):
+        """Run MH chains for ``prompts``, one cache row each, in lockstep rounds; yields
         ``{chain: PowerResult}`` for the chains of each round that finished some."""
         t0 = time.perf_counter()
-        R = min(int(rows or len(prompts)), len(prompts))
-        run = self._mh_rows(prompts, thinking, R)
-        queue = deque(range(len(prompts)))
-        while True:
-            free = [r for r, c in enumerate(run.chain) if c < 0][: len(queue)]
-            if free:
-                self._admit(run, free, [queue.popleft() for _ in free], prompts, thinking)
-            if all(c < 0 for c in run.chain):
-                break
+        run = self._mh_rows(prompts, thinking, len(prompts))
+        self._admit(run, list(range(run.R)), list(range(run.R)), prompts, thinking)
+        while any(c >= 0 for c in run.chain):
             done = self._round_done(run, self._round(run, rng))
             if done:
                 yield self._leave(run, done, prompt_index)
         self.last_stats = run.stats(time.perf_counter() - t0, len(prompts))
+
+    def _mh_async(self, prompts, prompt_index, rng, thinking, R: int):
+        """Run MH chains for ``prompts`` in ``R`` cache rows with asynchronous per-row steps;
+        yields ``{chain: PowerResult}`` as chains end.
+
+        Every row is always in a *phase*: the extension of its chain by one block (a proposal
+        from the chain's end, always accepted) or one MH step (a proposal from a uniform index
+        ``m``). All rows decode their phase's proposal together in the proposal cache. When a
+        row's phase ends (EOS or the block's cap) it alone is settled at the next sync point:
+        accepted or rejected, its cache row copied one way (``settle_rows_``), and its next phase
+        begun; a chain that finished its last MH step of its last block (or of a block ending
+        in EOS) leaves and the next queued chain is prefilled into its row. Between sync points
+        the host decodes exactly until the earliest cap any row can reach (at most
+        ``sync_every`` steps), so rows idle only after an early EOS or when no chain is left."""
+        t0 = time.perf_counter()
+        run = self._mh_rows(prompts, thinking, R)
+        run.phase = _Phases.zeros(R, self.m.device)
+        queue = deque(range(len(prompts)))
+        at, cap = [0] * R, [0] * R      # host view: each row's proposal length and cap
+        while True:
+            free = [r for r, c in enumerate(run.chain) if c < 0][: len(queue)]
+            if free:
+                self._admit(run, free, [queue.popleft() for _ in free], prompts, thinking)
+                self._begin(run, free, [0] * len(free), at, cap)
+            live = [r for r, c in enumerate(run.chain) if c >= 0]
+            if not live:
+                break
+            n = min(self.sync_every, min(cap[r] - at[r] for r in live))
+            self._decode(run.prop, run.caches[0][1], run.phase.cap, n, rng, run.counts, run.first,
+                         run.fresh, run.tpcache)
+            run.first = run.fresh = None
+            lengths, eos = torch.stack([run.prop.lengths, run.prop.eos.long()]).tolist()
+            run.counts.syncs += 1
+            at[:] = lengths
+            ended = [r for r in live if eos[r] or at[r] >= cap[r]]
+            if ended:
+                done = self._settle(run, ended, rng, at, cap)
+                if done:
+                    yield self._leave(run, done, prompt_index)
+        self.last_stats = run.stats(time.perf_counter() - t0, len(prompts))
+
+    def _begin(self, run: "_MHRows", rows: list, starts: list, at: list, cap: list) -> None:
+        """Begin the next phase of the chains in ``rows`` (their proposal rows hold their state)
+        from ``starts``: the extension of block ``run.block[r]`` (from the chain's length) when
+        ``run.k[r] == 0``, else an MH step (from ``m``); both run to the block's cap. ``at`` and
+        ``cap`` (host lists) are updated."""
+        for r, s in zip(rows, starts):
+            at[r], cap[r] = s, min((run.block[r] + 1) * self.block_size, self.max_new_tokens)
+        dev = self.m.device
+        idx = torch.tensor(rows, device=dev)
+        start = torch.tensor(starts, device=dev)
+        run.phase.begin_(idx, start, torch.tensor([cap[r] for r in rows], device=dev),
+                         torch.tensor([run.k[r] == 0 for r in rows], device=dev))
+        run.prop.lengths = run.prop.lengths.index_copy(0, idx, start)
+        run.prop.eos = run.prop.eos.index_fill(0, idx, False)
+
+    def _settle(self, run: "_MHRows", rows: list, rng, at: list, cap: list) -> list:
+        """End the phases of ``rows``: extensions are accepted, MH steps accepted with
+        probability ``min(1, A)``; both the chain and the proposal rows (state and caches) take
+        the outcome. Returns the rows whose chain is done; the others begin their next phase
+        (its ``m``, uniform over the chain's generated positions, is drawn here so that one host
+        synchronisation brings back the outcome and the next start)."""
+        cur, prop, ph = run.cur, run.prop, run.phase
+        idx = torch.tensor(rows, device=cur.eos.device)
+        logA = self._log_accept(cur, prop, ph.start)
+        acc = (ph.extension | (torch.log(rng.uniform(run.R)) < logA)).index_select(0, idx)
+        run.counts.decoded += (prop.lengths - ph.start).index_select(0, idx).sum()
+        cur.settle_(idx, acc, prop)
+        for c, pc in run.caches:
+            c.settle_rows_(idx, acc, pc)
+        L = cur.lengths.index_select(0, idx)
+        m = torch.minimum((rng.uniform(len(rows)) * L).long(), (L - 1).clamp_min(0))
+        acc, eos, L, m = torch.stack([acc.long(), cur.eos.index_select(0, idx).long(), L, m]).tolist()
+        run.counts.syncs += 1
+        last = math.ceil(self.max_new_tokens / self.block_size) - 1
+        done, more, starts = [], [], []
+        for i, r in enumerate(rows):
+            if run.k[r] > 0:
+                run.accepted[r].append(bool(acc[i]))
+            run.k[r] = (run.k[r] + 1) % (self.n_mcmc + 1)
+            if run.k[r] == 0 and (eos[i] or run.block[r] == last):
+                done.append(r)
+                continue
+            if run.k[r] == 0:
+                run.block[r] += 1
+            more.append(r)
+            starts.append(L[i] if run.k[r] == 0 else m[i])
+        if more:
+            self._begin(run, more, starts, at, cap)
+        if done:
+            prop.eos = prop.eos.index_fill(0, torch.tensor(done, device=idx.device), True)
+        return done
 
     def _mh_rows(self, prompts, thinking, R: int) -> "_MHRows":
         """Caches for ``R`` rows (and the proposal's; with ``steer=`` the thinking model's too)."""
@@ -391,7 +486,7 @@ class PowerSampler:
                                   width=run.width, device=dev, twidth=run.twidth,
                                   thinking=None if thinking is None else [thinking[c] for c in chains])
         for r, c in zip(rows, chains):
-            run.chain[r], run.block[r], run.accepted[r] = c, 0, []
+            run.chain[r], run.block[r], run.k[r], run.accepted[r] = c, 0, 0, []
         idx = torch.tensor(rows, device=dev)
         if run.cur is None:
             run.cur = new
@@ -399,6 +494,12 @@ class PowerSampler:
             run.cur.write_(idx, new)
         if self.reuse:
             self._prefill_rows(run, idx, new)
+        if run.phase is not None:      # asynchronous steps: the proposal rows start as copies
+            if run.prop is None:
+                run.prop = run.cur.clone()
+            run.cur.settle_(idx, torch.zeros_like(idx, dtype=torch.bool), run.prop)
+            for c, pc in run.caches:
+                c.settle_rows_(idx, torch.zeros_like(idx, dtype=torch.bool), pc)
 
     def _prefill_rows(self, run: "_MHRows", idx, new: Chains) -> None:
         """Prefill the prompts of ``new`` (in rows ``idx``); every row at once in place, else into
@@ -460,6 +561,7 @@ class PowerSampler:
         (cache, pcache), tpcache = run.caches[0], run.tpcache
         mi = prop.lengths
         max_steps = int((pcap - mi).max())
+        run.counts.syncs += 1
         if not self.reuse:
             first = self.prefill(pcache, prop.tokens, prop.P + mi, prop, tpcache)
             run.counts.fw += torch.where(live, prop.P + mi, 0).sum()
@@ -509,6 +611,7 @@ class PowerSampler:
         or its last block done), advancing the others to their next block."""
         eos = run.cur.eos.tolist()
         flags = torch.stack(accs, 1).tolist() if accs else [[] for _ in run.chain]
+        run.counts.syncs += 1 + bool(accs)
         last = math.ceil(self.max_new_tokens / self.block_size) - 1
         done = []
         for r, c in enumerate(run.chain):
@@ -624,11 +727,12 @@ class PowerSampler:
 @dataclass
 class _Counts:
     """Work done by one MH call: token-forwards, decoded tokens, idle row-steps (device scalars,
-    never synchronised per step) and decode steps."""
+    never synchronised per step), decode steps and host synchronisations."""
     fw: torch.Tensor
     decoded: torch.Tensor
     idle: torch.Tensor
     steps: int = 0
+    syncs: int = 0
 
     @classmethod
     def zeros(cls, device) -> "_Counts":
@@ -643,6 +747,25 @@ class _Counts:
 
 
 @dataclass
+class _Phases:
+    """The phase each row's proposal is in (asynchronous MH): where it started (``m``; the
+    chain's length for an extension), the cap it decodes to, and whether it is an extension."""
+    start: torch.Tensor
+    cap: torch.Tensor
+    extension: torch.Tensor
+
+    @classmethod
+    def zeros(cls, R: int, device) -> "_Phases":
+        z = torch.zeros(R, dtype=torch.int64, device=device)
+        return cls(z, z.clone(), torch.zeros(R, dtype=torch.bool, device=device))
+
+    def begin_(self, rows, start, cap, extension) -> None:
+        self.start.index_copy_(0, rows, start)
+        self.cap.index_copy_(0, rows, cap)
+        self.extension.index_copy_(0, rows, extension)
+
+
+@dataclass
 class _MHRows:
     """The cache rows of one MH call: the chains in them, their caches, host bookkeeping."""
     caches: list          #: [(cache, proposal cache)], plus the thinking model's pair with steer=
@@ -654,13 +777,17 @@ class _MHRows:
     cur: Optional[Chains] = None
     chain: list = None    #: chain index in each row (-1: free)
     block: list = None    #: block index of each row's chain
+    k: list = None        #: asynchronous steps: phase of each row's chain in its block (0: extension)
     accepted: list = None  #: per row: acceptance flag of each MH step its chain took
     first: Optional[torch.Tensor] = None   #: first-token logits of rows prefilled since the last round
     fresh: Optional[torch.Tensor] = None   #: [R] bool: those rows (None with first: every row)
     trace: list = field(default_factory=list)
+    prop: Optional[Chains] = None          #: asynchronous steps: the proposal of every row
+    phase: Optional[_Phases] = None        #: asynchronous steps: each row's phase
 
     def __post_init__(self):
-        self.chain, self.block, self.accepted = [-1] * self.R, [0] * self.R, [[] for _ in range(self.R)]
+        self.chain, self.block, self.k = [-1] * self.R, [0] * self.R, [0] * self.R
+        self.accepted = [[] for _ in range(self.R)]
 
     @property
     def tcache(self):
@@ -673,5 +800,5 @@ class _MHRows:
     def stats(self, seconds: float, chains: int) -> dict:
         c = self.counts
         return dict(decoded_tokens=int(c.decoded), token_forwards=int(c.fw), seconds=seconds, chains=chains,
-                    rows=self.R, row_steps=c.steps * self.R, idle_row_steps=int(c.idle),
+                    rows=self.R, row_steps=c.steps * self.R, idle_row_steps=int(c.idle), host_syncs=c.syncs,
                     trace=[tuple(t.cpu() for t in x) for x in self.trace])

@@ -63,7 +63,7 @@ class VectorTrainResult:
     token_forwards: dict = field(default_factory=dict)
 
 
-def _batches(examples, batch_size, g, window: int = 8):
+def example_batches(examples, batch_size, g, window: int = 8):
     """Shuffled batches; within windows of ``window`` batches the rows are sorted by length so a
     batch holds rows of similar length (little padding, a long shared prefix)."""
     order = torch.randperm(len(examples), generator=g).tolist()
@@ -114,7 +114,7 @@ def _target_loss(model, ids, att, steer, labels, add, steer_layer, coldness):
         return row_sum / tgt.sum(1).clamp_min(1), ids.shape[0] * cut, ids.shape[0] * (ids.shape[1] - cut)
 
 
-def _collate(examples, idx, pad, dev):
+def collate_examples(examples, idx, pad, dev):
     rows = [examples[i] for i in idx]
     S = max(len(r.prompt_ids) + len(r.target_ids) for r in rows)
     ids = torch.full((len(rows), S), pad, dtype=torch.int64)
@@ -198,7 +198,7 @@ def _full_attention_only(config) -> bool:
     return not getattr(config, "use_sliding_window", False) and all(t == "full_attention" for t in types)
 
 
-def _kv_bytes_per_token(model) -> int:
+def kv_bytes_per_token(model) -> int:
     c = model.config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -251,7 +251,7 @@ class _PrefixPlan:
         for r in self.root:
             if r >= 0:
                 users[r] += 1
-        per_tok = _kv_bytes_per_token(model)
+        per_tok = kv_bytes_per_token(model)
         self.offset, total = {}, 0            # kept roots: token offset in the store
         for r in sorted(range(len(self.roots)), key=lambda r: (-users[r], len(self.roots[r]), r)):
             if (total + len(self.roots[r])) * per_tok <= budget_bytes:
@@ -412,7 +412,7 @@ def train_vectors(model, examples: list[VectorExample], n_categories: int, steer
             grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * ep / epochs))
         tot = torch.zeros(n_categories, device=dev)
         cnt = torch.zeros(n_categories, device=dev)
-        for idx in _batches(examples, batch_size, g):
+        for idx in example_batches(examples, batch_size, g):
             cats = torch.tensor([examples[i].category for i in idx], device=dev)
             add = V[cats]
             if bias_t is not None:
@@ -420,7 +420,7 @@ def train_vectors(model, examples: list[VectorExample], n_categories: int, steer
             if plan is not None:
                 row_loss, n = _shared_loss(model, plan, examples, idx, add, steer_layer, coldness, dev)
             else:
-                ids, att, steer, labels, _ = _collate(examples, idx, pad_id, dev)
+                ids, att, steer, labels, _ = collate_examples(examples, idx, pad_id, dev)
                 add = steer[:, :, None] * add[:, None, :]
                 row_loss, n_pre, n = _target_loss(model, ids, att, steer, labels, add, steer_layer, coldness)
                 n_prefix_old += n_pre

@@ -125,12 +125,12 @@ def openai_labeller(base_url: str, model: str, api_key: str | None = None, timeo
 
 @torch.no_grad()
 def _target_nll(model, examples, batch_size=16):
-    from .steering import _collate
+    from .steering import collate_examples
     dev = next(model.parameters()).device
     out = []
     for i in range(0, len(examples), batch_size):
         idx = list(range(i, min(i + batch_size, len(examples))))
-        ids, att, _, labels, _ = _collate(examples, idx, 0, dev)
+        ids, att, _, labels, _ = collate_examples(examples, idx, 0, dev)
         logits = model(input_ids=ids, attention_mask=att).logits.float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
                                                 reduction="none").sum(1)

@@ -4,6 +4,7 @@ import itertools
 
 import torch
 
+from hybridfast.baselines import steering_hook
 from hybridfast.tiny import tiny_model
 
 
@@ -125,3 +126,30 @@ def steering_artifacts(folder, *, sae_layer=3, steer_layer=2, K=3, vectors_K=Non
     save_sae(folder / "sae", sae, layer=sae_layer, model_id=sae_model)
     save_vectors(folder / "vec", vec, steer_layer=steer_layer, model_id=vectors_model, threshold=threshold)
     return str(folder / "sae"), str(folder / "vec")
+
+
+@torch.no_grad()
+def teacher_forced_logp(model, prompt, ids):
+    """log p of ``ids`` after ``prompt`` under a ``transformers`` model (its own forward, one
+    pass over the whole sequence)."""
+    n, P = len(ids), len(prompt)
+    logits = model(torch.tensor([list(prompt) + list(ids)])).logits[0, P - 1: P - 1 + n]
+    return torch.log_softmax(logits.float(), -1)[torch.arange(n), torch.tensor(ids, dtype=torch.long)]
+
+
+@torch.no_grad()
+def routed_logp(hm, prompt, tprompt, ids):
+    """log p of ``ids`` after ``prompt`` under the routed model, teacher-forced: the thinking
+    model's residual after block ``sae_layer`` at thinking position ``len(tprompt) - 1 + i`` routes
+    the base residual entering ``steer_layer`` at the position that predicts token ``i``."""
+    n, P, Pt = len(ids), len(prompt), len(tprompt)
+    out = hm.thinking.hf(torch.tensor([tprompt + ids]), output_hidden_states=True)
+    x = out.hidden_states[hm.sae_layer + 1][0, Pt - 1: Pt - 1 + n]
+
+    def steer(h):
+        h = h.clone()
+        h[0, P - 1: P - 1 + n] = hm.route(h[0, P - 1: P - 1 + n], x)[0]
+        return h
+    with steering_hook(hm.base.hf, hm.steer_layer, steer):
+        logits = hm.base.hf(torch.tensor([prompt + ids])).logits[0, P - 1: P - 1 + n]
+    return torch.log_softmax(logits.float(), -1)[torch.arange(n), ids]

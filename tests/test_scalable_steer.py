@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from hybridfast import HybridModel
-from hybridfast.baselines import steering_hook
 from hybridfast.power import PowerSampler
 from hybridfast.scalable import expected_token_forwards
 
-from .helpers import pair, router_and_vectors
+from .helpers import pair, routed_logp, router_and_vectors
 
 PROMPTS, THINK = [[5, 6, 7], [8, 9, 10, 11, 12]], [[3, 4], [20, 21, 22, 23]]
 KW = dict(method="scalable", alpha=4, max_new_tokens=7, n_candidates=3, n_rollouts=3, horizon=3,
@@ -34,24 +33,6 @@ def run(base, variant, steer=None, prefix_kv="shared"):
     ps = PowerSampler(base, variant=variant, prefix_kv=prefix_kv, steer=steer, **KW)
     return ps.sample(PROMPTS, n_chains=2, generator=torch.Generator().manual_seed(3),
                      thinking_prompts=None if steer is None else THINK)
-
-
-@torch.no_grad()
-def routed_logp(hm, prompt, tprompt, ids):
-    """log p of ``ids`` after ``prompt`` under the routed model, teacher-forced: the thinking
-    model's residual after block ``sae_layer`` at thinking position ``len(tprompt) - 1 + i`` routes
-    the base residual entering ``steer_layer`` at the position that predicts token ``i``."""
-    n, P, Pt = len(ids), len(prompt), len(tprompt)
-    out = hm.thinking.hf(torch.tensor([tprompt + ids]), output_hidden_states=True)
-    x = out.hidden_states[hm.sae_layer + 1][0, Pt - 1: Pt - 1 + n]
-
-    def steer(h):
-        h = h.clone()
-        h[0, P - 1: P - 1 + n] = hm.route(h[0, P - 1: P - 1 + n], x)[0]
-        return h
-    with steering_hook(hm.base.hf, hm.steer_layer, steer):
-        logits = hm.base.hf(torch.tensor([prompt + ids])).logits[0, P - 1: P - 1 + n]
-    return torch.log_softmax(logits.float(), -1)[torch.arange(n), ids]
 
 
 @pytest.mark.parametrize("variant", ["token", "block"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridfast.baselines import steering_hook
-from hybridfast.steering import (VectorExample, _kv_bytes_per_token, _PrefixPlan, _shared_loss,
+from hybridfast.steering import (VectorExample, kv_bytes_per_token, _PrefixPlan, _shared_loss,
                                  group_prefixes, train_vectors)
 from hybridfast.tiny import tiny_model
 
@@ -71,7 +71,7 @@ def test_shared_prefix_losses_and_gradients_match_full_forward(family, budget):
     exs = _traces_examples()
     roots = group_prefixes([e.prompt_ids[:-1] for e in exs])[2]
     assert len(roots) == 3                   # one per trace (the odd rows share most of theirs)
-    one = min(len(r) for r in roots) * _kv_bytes_per_token(model)
+    one = min(len(r) for r in roots) * kv_bytes_per_token(model)
     plan = _PrefixPlan(model, exs, budget_bytes=dict(all=1 << 30, none=0, some=one)[budget],
                        batch_size=4, pad_id=0)
     assert len(plan.offset) == dict(all=3, none=0, some=1)[budget]
@@ -108,7 +108,7 @@ def per_batch_run():
 def test_trained_vectors_match_per_batch_prefixes(per_batch_run, budget):
     model, exs, bias, old = per_batch_run
     roots = group_prefixes([tuple(e.prompt_ids[:-1]) for e in exs])[2]
-    one = min(map(len, roots)) * _kv_bytes_per_token(model)
+    one = min(map(len, roots)) * kv_bytes_per_token(model)
     new = train_vectors(model, exs, 3, LAYER, bias=bias, **KW,
                         prefix_cache_bytes=dict(all=1 << 30, none=0, one=one)[budget])
     assert new.steps == old.steps and new.epochs == old.epochs == 4

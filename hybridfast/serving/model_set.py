@@ -47,8 +47,8 @@ class ModelSet:
     def eos_ids(self) -> list:
         """The ids that end a generation: the base tokenizer's EOS (the model config's when the
         tokenizer has none), as the schedulers and power samplers use them."""
-        from ..engine import _eos_ids
-        return _eos_ids(self.base, self.tokenizer.eos_token_id)
+        from ..engine import eos_ids
+        return eos_ids(self.base, self.tokenizer.eos_token_id)
 
     @cached_property
     def engine(self):
