@@ -19,7 +19,7 @@ import torch
 
 from . import ops
 from .compiled import compile_options, compile_step, new_cache
-from .model import DecoderModel, KVCache
+from .model import DecoderModel, KVCache, capture
 from .ops.rng import RandomStream
 from .scheduler import Completion, Request, Scheduler
 
@@ -114,7 +114,7 @@ class Engine:
         ``lengths`` in place, return logits ``[B, V]`` (the function ``compile=`` compiles)."""
         m = self.m
         c = KVCache(kv, lengths, scratch)
-        h = m.run(m.embed(tok[:, None]), m.decode_plan(c, 0, span), c, 0, m.n_layers)
+        h = m.forward(tok[:, None], m.decode_plan(c, 0, span), c)
         lengths.add_(1)
         return m.logits(h[:, 0])
 
@@ -133,25 +133,17 @@ class Engine:
         B, S = ids.shape
         span = cache.scratch + S
         plan = m.prefill_plan(lengths, S, cache, span)
-        h = m.embed(ids)
-        last = (lengths - 1)
-        bidx = torch.arange(B, device=ids.device)
-        stop = m.n_layers if stop_layer is None else stop_layer
-        captured = None
-        i = 0
-        while i < stop:
-            if steer is not None and i == steer_layer:
-                hl = steer(h[bidx, last][:, None, :])[:, 0]
-                h = h.clone()
-                h[bidx, last] = hl
-            h = m.block(i, h, plan, cache)
-            if capture_layer is not None and i == capture_layer:
-                captured = h[bidx, last]
-            i += 1
+        at = (torch.arange(B, device=ids.device), lengths - 1)     # each row's last prompt position
+        hooks, captured = {}, {}
+        if steer is not None:
+            hooks[steer_layer] = lambda h, p: (h.index_put(at, steer(h[at][:, None, :])[:, 0]), p)
+        if capture_layer is not None:
+            hooks[capture_layer + 1] = capture(captured, at)
+        h = m.forward(ids, plan, cache, hooks, stop_layer)
         cache.lengths.copy_(lengths)
         if stop_layer is not None:
-            return None, captured
-        return m.logits(h[bidx, last]), captured
+            return None, captured.get("h")
+        return m.logits(h[at]), captured.get("h")
 
     def requests(self, prompts, max_new_tokens) -> list[Request]:
         """Scheduler requests for token-id prompts (lists or 1-D tensors)."""

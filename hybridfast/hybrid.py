@@ -34,7 +34,7 @@ from . import ops
 from .artifacts import as_sae, as_vectors
 from .compiled import compile_step
 from .engine import Engine, eos_ids, pad_id, pad_prompts, sample
-from .model import KVCache
+from .model import KVCache, capture
 from .ops.rng import RandomStream
 from .scheduler import Request, Scheduler
 
@@ -266,19 +266,18 @@ class HybridModel:
         mb, mt = self.base.m, self.thinking.m
         L, Ls = self.steer_layer, self.sae_layer
         ct, cb = KVCache(kv_t, len_t, 0), KVCache(kv_b, len_b, scratch)
-        plan = mt.decode_plan(ct, 0, span_t)
-        h = mt.run(mt.embed(tok[:, None]), plan, ct, 0, Ls + 1)
-        x = h[:, 0]
-        h = mt.run(h, plan, ct, Ls + 1, mt.n_layers)
+        x, cat = {}, {}
+        h = mt.forward(tok[:, None], mt.decode_plan(ct, 0, span_t), ct, {Ls + 1: capture(x)})
         len_t.add_(1)
         logits_t = mt.logits(h[:, 0])
-        h = mb.run(mb.embed(tok[:, None]), mb.decode_plan(cb, 0, span_b), cb, 0, L)
-        cand, cat = self.route(h[:, 0], x, True)
-        rows = mb.run(torch.cat([h, cand], 1), mb.decode_plan(cb, scratch, span_b), cb, L,
-                      mb.n_layers)
+
+        def candidates(h, plan):          # the real row plus one candidate row per coefficient
+            cand, cat["c"] = self.route(h[:, 0], x["h"][:, 0], True)
+            return torch.cat([h, cand], 1), mb.decode_plan(cb, scratch, span_b)
+        rows = mb.forward(tok[:, None], mb.decode_plan(cb, 0, span_b), cb, {L: candidates})
         len_b.add_(1)
         lg = mb.logits(rows)
-        return lg[:, 0], lg[:, 1:], logits_t, cat
+        return lg[:, 0], lg[:, 1:], logits_t, cat["c"]
 
     def _choose(self, logits_b, logits_c, logits_t):
         think_tok = logits_t.argmax(-1)
@@ -305,13 +304,14 @@ class HybridModel:
         thinking router reads ``tok_t``, the base model reads ``tok_b`` with ``route_steer``
         entering ``steer_layer``. Returns ``(logits [B, V], category [B])``."""
         mb, mt = self.base.m, self.thinking.m
-        L, Ls = self.steer_layer, self.sae_layer
-        x = mt.run(mt.embed(tok_t[:, None]), mt.decode_plan(ct, 0, span_t), ct, 0, Ls + 1)[:, 0]
-        plan = mb.decode_plan(cb, 0, span_b)
-        h = mb.run(mb.embed(tok_b[:, None]), plan, cb, 0, L)
-        h, cat = self._route_or_not(h[:, 0], x, do_steer)
-        h = mb.run(h[:, None], plan, cb, L, mb.n_layers)
-        return mb.logits(h[:, 0]), cat
+        x = mt.forward(tok_t[:, None], mt.decode_plan(ct, 0, span_t), ct, stop=self.sae_layer + 1)[:, 0]
+        cat = {}
+
+        def steer(h, plan):
+            h, cat["c"] = self._route_or_not(h[:, 0], x, do_steer)
+            return h[:, None], plan
+        h = mb.forward(tok_b[:, None], mb.decode_plan(cb, 0, span_b), cb, {self.steer_layer: steer})
+        return mb.logits(h[:, 0]), cat["c"]
 
     def _routed_step_eager(self, tok, len_b, kv_b, len_t, kv_t, span_b: int, span_t: int,
                            do_steer: bool):
@@ -399,7 +399,7 @@ class PaperMode:
         logits_t, x = hm.thinking.prefill(ids_t, len_t, ct, capture_layer=hm.sae_layer)
         cand, cat = hm.route(hcap["h"], x, True, validate=True)
         plan = mb.candidate_plan(cb, len_b - 1, self.C, cb.scratch + ids_b.shape[1])
-        logits_c = mb.logits(mb.run(cand, plan, cb, hm.steer_layer, mb.n_layers))
+        logits_c = mb.logits(mb.run(cand, plan, cb, hm.steer_layer))
         return logits_b, logits_c, logits_t, cat
 
     def choose(self, state):

@@ -206,7 +206,7 @@ class HybridfastLM(TemplateLM):
         S = ids.shape[1]
         cache = engine.new_cache(len(inputs), S)
         plan = m.prefill_plan(lengths, S, cache, cache.scratch + S)
-        h = m.run(m.embed(ids), plan, cache, 0, m.n_layers)
+        h = m.forward(ids, plan, cache)
         return m.logits(h).float().log_softmax(-1).cpu()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list:

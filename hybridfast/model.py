@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DecoderModel", "KVCache", "StepPlan", "rotate", "attention_partial", "merge_partials",
-           "ATTENTION"]
+__all__ = ["DecoderModel", "KVCache", "StepPlan", "Hooks", "capture", "rotate", "attention_partial",
+           "merge_partials", "ATTENTION"]
 
 ATTENTION = ("sdpa", "flex")
+
+#: residual-stream transforms by block index (see :meth:`DecoderModel.run`)
+Hooks = Optional[dict]
 
 
 @dataclass
@@ -91,6 +95,15 @@ class KVCache:
         for t in self.kv:
             t.index_copy_(0, dst, t.index_select(0, src))
         self.lengths.index_copy_(0, dst, self.lengths.index_select(0, src))
+
+
+def capture(into: dict, at=None):
+    """A hook (see :meth:`DecoderModel.run`) that keeps the residual stream, or ``h[at]``, in
+    ``into["h"]`` and passes it on unchanged."""
+    def hook(h, plan):
+        into["h"] = h if at is None else h[at]
+        return h, plan
+    return hook
 
 
 @dataclass
@@ -296,10 +309,29 @@ class DecoderModel:
         h = h + layer.self_attn.o_proj(o.reshape(*h.shape[:2], -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def run(self, h: torch.Tensor, plan: StepPlan, cache: KVCache, start: int, stop: int):
-        """Blocks ``start .. stop-1`` on ``h`` with one shared plan."""
-        for i in range(start, stop):
-            h = self.block(i, h, plan, cache)
+    def forward(self, tokens: torch.Tensor, plan: StepPlan, cache: KVCache, hooks: Hooks = None,
+                stop: Optional[int] = None, block: Optional[Callable] = None) -> torch.Tensor:
+        """The forward pass every decode step and prefill runs: embed ``tokens [B, R]``, then
+        :meth:`run` blocks ``0 .. stop-1`` (default: all) with one shared ``plan``."""
+        return self.run(self.embed(tokens), plan, cache, 0, stop, hooks, block)
+
+    def run(self, h: torch.Tensor, plan: StepPlan, cache: KVCache, start: int = 0,
+            stop: Optional[int] = None, hooks: Hooks = None,
+            block: Optional[Callable] = None) -> torch.Tensor:
+        """Blocks ``start .. stop-1`` on the residual stream ``h [B, R, d]``. ``hooks`` maps a
+        block index ``i`` to ``hook(h, plan) -> (h, plan)``, applied to the residual entering
+        block ``i`` (``i = stop``: the output of the last block run): routed steering, the
+        paper mode's candidate rows (which bring their own plan), a capture. ``block`` replaces
+        :meth:`block` (:meth:`shared_prefix_block` with its prefix bound). Returns the residual
+        after the last block run and its hook."""
+        stop = self.n_layers if stop is None else stop
+        block = self.block if block is None else block
+        hooks = hooks or {}
+        for i in range(start, stop + 1):
+            if i in hooks:
+                h, plan = hooks[i](h, plan)
+            if i < stop:
+                h = block(i, h, plan, cache)
         return h
 
     # ------------------------------------------------------------------ plans

@@ -201,27 +201,23 @@ class PowerSampler:
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device)
         plan = m.prefill_plan(n_tokens, S, cache, S)
-        h = m.embed(tokens[:, :S])
+        last = (rows, (n_tokens - 1).clamp_min(0))
         if self.steer is None:
-            h = m.run(h, plan, cache, 0, m.n_layers)
-            return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
+            return m.logits(m.forward(tokens[:, :S], plan, cache)[last])
         hm, mt = self.steer, self.steer.thinking.m
         gen_len = n_tokens - ch.P
         tn = ch.Pt + gen_len
         St = int(tn.max())
-        xt = mt.run(mt.embed(ch.tt[:, :St]), mt.prefill_plan(tn, St, tcache, St), tcache, 0,
-                    hm.sae_layer + 1)
-        L = hm.steer_layer
-        h = m.run(h, plan, cache, 0, L)
+        xt = mt.forward(ch.tt[:, :St], mt.prefill_plan(tn, St, tcache, St), tcache, stop=hm.sae_layer + 1)
         j = torch.arange(S, device=tokens.device)[None, :]
         k = j - (ch.P[:, None] - 1)                    # offset from the last prompt position
         valid = (k >= 0) & (j < n_tokens[:, None])
-        tj = (ch.Pt[:, None] - 1 + k).clamp(0, St - 1)
-        x = xt[rows[:, None], tj]
-        out, _ = hm.route(h.reshape(B * S, -1), x.reshape(B * S, -1), False)
-        h = torch.where(valid[..., None], out.view_as(h), h)
-        h = m.run(h, plan, cache, L, m.n_layers)
-        return m.logits(h[rows, (n_tokens - 1).clamp_min(0)])
+        x = xt[rows[:, None], (ch.Pt[:, None] - 1 + k).clamp(0, St - 1)]
+
+        def steer(h, plan):
+            out, _ = hm.route(h.reshape(B * S, -1), x.reshape(B * S, -1), False)
+            return torch.where(valid[..., None], out.view_as(h), h), plan
+        return m.logits(m.forward(tokens[:, :S], plan, cache, {hm.steer_layer: steer})[last])
 
     def _extend(self, cache, tokens, start, n):
         """Re-encode ``tokens[b, start_b : start_b + n_b]`` into ``cache`` in one parallel pass
@@ -236,7 +232,7 @@ class PowerSampler:
         slots = pos + cache.scratch
         j = torch.arange(width + cache.scratch, device=tokens.device)[None, None, :]
         visible = (j >= cache.scratch) & (j <= slots[:, :, None])
-        m.run(m.embed(tokens[rows[:, None], pos]), m.plan(pos, slots, visible), cache, 0, m.n_layers)
+        m.forward(tokens[rows[:, None], pos], m.plan(pos, slots, visible), cache)
         return int(n.sum())
 
     def _forward_one(self, cache, ch: Chains, tcache=None):
@@ -257,9 +253,7 @@ class PowerSampler:
         lengths.copy_(P + L - 1)
         tok = tokens[rows, P + L - 1]
         if self.steer is None:
-            h = m.run(m.embed(tok[:, None]), m.decode_plan(cache, 0, tokens.shape[1]), cache, 0,
-                      m.n_layers)
-            return m.logits(h[:, 0])
+            return m.logits(m.forward(tok[:, None], m.decode_plan(cache, 0, tokens.shape[1]), cache)[:, 0])
         tlengths.copy_(Pt + L - 1)
         logits, _ = self.steer.routed_forward(tok, tt[rows, Pt + L - 1], cache,
                                               KVCache(tkv, tlengths, 0), tokens.shape[1],

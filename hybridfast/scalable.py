@@ -231,12 +231,8 @@ class _Branches:
         R, d]``. With ``x`` (the thinking router's residual at the same token) ``route_steer``
         applies to the residual entering ``steer_layer``, as :meth:`HybridModel.routed_forward`."""
         m, hm = self.side.m, self.run.ps.steer
-        plan = self._plan()
-        split = self.side.n_layers if x is None else hm.steer_layer
-        h = self._blocks(m.embed(tok[:, None]), plan, 0, split)
-        if x is not None:
-            h = hm.route(h[:, 0], x)[0][:, None]
-        h = self._blocks(h, plan, split, self.side.n_layers)
+        hooks = None if x is None else {hm.steer_layer: lambda h, plan: (hm.route(h[:, 0], x)[0][:, None], plan)}
+        h = m.forward(tok[:, None], self._plan(), self.cache, hooks, self.side.n_layers, self._block())
         if self.prefix_mask is None:
             self.cache.lengths.add_(1)
         self.n += 1
@@ -251,13 +247,14 @@ class _Branches:
         return m.plan((self.start + self.n)[:, None], slots,
                       torch.ones(B, 1, self.n + 1, dtype=torch.bool, device=m.device))
 
-    def _blocks(self, h: torch.Tensor, plan, start: int, stop: int) -> torch.Tensor:
+    def _block(self):
+        """The block function of these branches: cascade attention over the shared prefix, or
+        (copied prefix) the plain block."""
         m = self.side.m
         if self.prefix_mask is None:
-            return m.run(h, plan, self.cache, start, stop)
-        for i in range(start, stop):
-            h = m.shared_prefix_block(i, h, plan, self.cache, self.side.main, self.prefix_mask)
-        return h
+            return None
+        return lambda i, h, plan, cache: m.shared_prefix_block(i, h, plan, cache, self.side.main,
+                                                               self.prefix_mask)
 
     def select(self, local: torch.Tensor) -> "_Branches":
         """New branches whose row ``(b, j)`` copies row ``local[b, j]`` of this one's batch row ``b``
