@@ -61,3 +61,34 @@ def test_empty_prompt_raises():
 def test_unsupported_model_raises():
     with pytest.raises(TypeError, match="model.model.layers"):
         Engine(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_forward_hooks_steer_capture_and_replan():
+    """DecoderModel.forward's hooks: a hook adding a vector to the residual entering block L gives
+    the logits transformers gives with the same steering hook; a capture at L + 1 is HF's
+    hidden_states[L + 1]; a hook may also replace the plan (here: the same plan rebuilt)."""
+    from hybridfast.baselines import steering_hook
+    from hybridfast.model import DecoderModel, capture
+    model = tiny_model("llama", seed=3)
+    m = DecoderModel(model)
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    S, L = ids.shape[1], 2
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def plan_and_cache():
+        cache = m.new_cache(1, S)
+        return m.prefill_plan(torch.tensor([S]), S, cache, S), cache
+    plan, cache = plan_and_cache()
+    seen = {}
+    h = m.forward(ids, plan, cache, {L: lambda h, p: (h + v, plan_and_cache()[0]), L + 1: capture(seen)})
+    with steering_hook(model, L, lambda x: x + v):
+        out = model(ids, output_hidden_states=True)
+    assert torch.allclose(m.logits(h), out.logits, atol=1e-4)
+    assert torch.allclose(seen["h"], out.hidden_states[L + 1], atol=1e-4)
+    plain, cache = plan_and_cache()
+    assert not torch.allclose(m.logits(m.forward(ids, plain, cache)), out.logits, atol=1e-2)
+    # stop: blocks 0..L-1 only, the hook at stop sees their output
+    plan, cache = plan_and_cache()
+    assert torch.allclose(m.forward(ids, plan, cache, stop=L), model(ids, output_hidden_states=True).hidden_states[L],
+                          atol=1e-4)
