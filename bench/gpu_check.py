@@ -289,6 +289,8 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
                                                       steer=False),
             "paper": lambda: hp.generate(prompts, tprompts, new_tokens, eos_token_id=-1),
             "mh": lambda: ps.sample(prompts, generator=cpu_gen()),
+            # asynchronous per-row MH steps (continuous batching; every chain has a row)
+            "mh_rows": lambda: ps.sample(prompts, rows=B, generator=cpu_gen()),
             # compiled steps (the first, untimed call compiles; CUDA: replayed as CUDA graphs)
             "plain_compiled": lambda: engc.generate(prompts, new_tokens, eos_token_id=-1),
             "routed_compiled": lambda: hrc.generate(prompts, tprompts, new_tokens, eos_token_id=-1),
@@ -315,6 +317,7 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
                     r["decoded_tok_s"] = st["decoded_tokens"] / dt
                     r["token_forwards"] = st["token_forwards"]
                     r["tok_s"] = st["decoded_tokens"] / dt
+                    r["host_syncs"], r["idle_row_steps"] = st["host_syncs"], st["idle_row_steps"]
                     tokens = st["decoded_tokens"]
                 else:
                     tokens = B * new_tokens
@@ -337,6 +340,7 @@ def ratios(rows):
                  plain_compiled_vs_eager=("plain_compiled", "plain"),
                  routed_compiled_vs_eager=("routed_compiled", "routed"),
                  mh_compiled_vs_eager=("mh_compiled", "mh"),
+                 mh_rows_vs_lockstep=("mh_rows", "mh"),
                  routed_vs_naive_hooks=("routed", "routed_naive_hooks"),
                  flex_vs_sdpa_compiled=("plain_compiled_flex", "plain_compiled"))
     for config, B in keys:

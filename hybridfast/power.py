@@ -474,7 +474,7 @@ class PowerSampler:
 
     def _admit(self, run: "_MHRows", rows: list, chains: list, prompts, thinking) -> None:
         """Start ``chains`` in the free ``rows``: their state, and with KV reuse the prefill of
-        their prompts (the logits of their first token are kept for the next round)."""
+        their prompts (the logits of their first token are kept for the next decode step)."""
         dev = self.m.device
         new = Chains.from_prompts([prompts[c] for c in chains], pad=run.pad, n_gen=self.max_new_tokens + 1,
                                   width=run.width, device=dev, twidth=run.twidth,
@@ -773,7 +773,7 @@ class _MHRows:
     block: list = None    #: block index of each row's chain
     k: list = None        #: asynchronous steps: phase of each row's chain in its block (0: extension)
     accepted: list = None  #: per row: acceptance flag of each MH step its chain took
-    first: Optional[torch.Tensor] = None   #: first-token logits of rows prefilled since the last round
+    first: Optional[torch.Tensor] = None   #: first-token logits of rows prefilled since the last decode step
     fresh: Optional[torch.Tensor] = None   #: [R] bool: those rows (None with first: every row)
     trace: list = field(default_factory=list)
     prop: Optional[Chains] = None          #: asynchronous steps: the proposal of every row

@@ -21,7 +21,7 @@ def test_gpu_check_smoke(tmp_path):
     assert ops == {"route_steer", "sample_logprobs"}
     assert all(row["ok"] for row in res["kernels"])
     modes = {row["mode"] for row in res["generation"]}
-    assert {"plain", "routed", "paper", "mh", "routed_naive_hooks", "plain_compiled",
+    assert {"plain", "routed", "paper", "mh", "mh_rows", "routed_naive_hooks", "plain_compiled",
             "routed_compiled", "paper_compiled", "mh_compiled"} <= modes
     assert all("routed_vs_plain_compiled" in r for r in res["ratios"])
     assert all(row["tok_s"] > 0 for row in res["generation"])
