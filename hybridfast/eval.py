@@ -19,12 +19,12 @@ file (path + sha256) in ``run.data``. ``run_id`` hashes the run without
 plus its sha256 when it is at most 1 MiB or its mtime when larger. Problem ids come from content:
 MATH500's unique_id, else a hash of the question.
 
-Steered methods (hybrid-paper, hybrid-routed, power-hybrid, power-hybrid-scalable) take --sae-layer and --steer-layer
+Steered methods (hybrid-paper, hybrid-routed, power-hybrid, power-hybrid-smc, power-hybrid-scalable) take --sae-layer and --steer-layer
 from the artifacts (flags that differ are refused unless --override-artifact-settings; an older
 artifact that records no layer needs the flag), need the same K in both artifacts and finite
 tensors, and refuse an artifact made with another model (same override). Routed methods use the
-coefficients / threshold the vectors record, when they record them. power-hybrid (steered MH)
-and power-hybrid-scalable (steered scalable power sampling) report the tokens they steered, recomputed from each sample's prefixes with one thinking-model forward.
+coefficients / threshold the vectors record, when they record them. power-hybrid (steered MH),
+power-hybrid-smc (steered Power-SMC) and power-hybrid-scalable (steered scalable power sampling) report the tokens they steered, recomputed from each sample's prefixes with one thinking-model forward.
 
 --dtype auto (the default) runs the models in their stored dtype on CPU and in bf16 on CUDA.
 
@@ -77,11 +77,13 @@ __all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "metho
 _PROMPTS = {"base": ("base",), "thinking": ("thinking",), "low-temp": ("power",),
             "hybrid-paper": ("base", "thinking"), "hybrid-routed": ("base", "thinking"),
             "power-mh": ("power",), "power-smc": ("power",), "power-scalable": ("power",),
-            "power-hybrid": ("power", "thinking"), "power-hybrid-scalable": ("power", "thinking")}
+            "power-hybrid": ("power", "thinking"), "power-hybrid-smc": ("power", "thinking"),
+            "power-hybrid-scalable": ("power", "thinking")}
 METHODS = tuple(_PROMPTS)
-STEERED_METHODS = ("hybrid-paper", "hybrid-routed", "power-hybrid", "power-hybrid-scalable")   # need --sae and --vectors
+STEERED_METHODS = ("hybrid-paper", "hybrid-routed", "power-hybrid", "power-hybrid-smc",
+                   "power-hybrid-scalable")   # need --sae and --vectors
 # the methods that sample with the routed hybrid model (PowerSampler steer=), and those of the scalable sampler
-POWER_HYBRID = ("power-hybrid", "power-hybrid-scalable")
+POWER_HYBRID = ("power-hybrid", "power-hybrid-smc", "power-hybrid-scalable")
 SCALABLE_METHODS = ("power-scalable", "power-hybrid-scalable")
 # the power methods' defaults (the block size defaults to max(1, max_new_tokens // 4))
 ALPHA, N_MCMC, N_PARTICLES = 4.0, 2, 8
@@ -236,8 +238,8 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
             power["method"] = "scalable"
             power.update(scalable or {})
         elif method != "power-hybrid":
-            power["method"] = method.split("-", 1)[1]
-        if method == "power-smc":
+            power["method"] = method.rsplit("-", 1)[1]
+        if power.get("method") == "smc":
             power["n_particles"] = n_particles
         p["power"] = _call_params(PowerSampler.__init__, power, ("model", "tokenizer", "eos_token_id", "steer"))
         p["sample"] = _call_params(PowerSampler.sample, {}, ("prompts", "generator", "thinking_prompts", "rows"))
@@ -678,7 +680,7 @@ def _eval_parser() -> ArgumentParser:
     ap.add_argument("--n-mcmc", type=int, default=N_MCMC,
                     help="power MH methods: Metropolis-Hastings steps per block (>= 0; default: %(default)s)")
     ap.add_argument("--n-particles", type=int, default=N_PARTICLES,
-                    help="power-smc: particles per problem (>= 1; default: %(default)s)")
+                    help="power-smc, power-hybrid-smc: particles per problem (>= 1; default: %(default)s)")
     ap.add_argument("--variant", choices=["token", "block"],
                     help="power-(hybrid-)scalable: one token per decision, or blocks of --block-size (default: token)")
     ap.add_argument("--n-candidates", type=int,

@@ -38,7 +38,8 @@ synchronisations in ``last_stats``.
 proposal, incremental log-weights ``alpha * lp - lq``, multinomial resampling (KV rows copied by
 index) when the effective sample size falls below ``ess_threshold * n_particles``, optional
 linear ramp of alpha over the first ``alpha_ramp`` tokens. Returns one particle per prompt drawn
-from the final weights, plus the weights.
+from the final weights, plus the weights. ``steer=`` as with MH (resampling copies the thinking
+router's cache rows with the particles').
 
 ``method="scalable"`` — scalable power sampling (approximate; :mod:`hybridfast.scalable`): each
 token (``variant="token"``) or block (``variant="block"``) is drawn from ``n_candidates``
@@ -105,7 +106,7 @@ class PowerSampler:
     """Sample from p^alpha with block-wise MH (exact), Power-SMC, or scalable power sampling
     (approximate). See the module docstring.
 
-    ``steer=`` (``method="mh"`` or ``"scalable"``): a :class:`~hybridfast.hybrid.HybridModel` in
+    ``steer=`` (every method): a :class:`~hybridfast.hybrid.HybridModel` in
     routed mode whose base model is ``model``. Every forward of the sampled model is then the
     routed one (the thinking model's router reads the same tokens after its own prompt, given by
     :meth:`sample`'s ``thinking_prompts``), so the target is p^alpha of the steered model."""
@@ -134,8 +135,6 @@ class PowerSampler:
                                  "inside every forward pass of the sampled model)")
             if steer.base.hf is not model:
                 raise ValueError("steer=: the HybridModel's base model must be the sampled model")
-            if method == "smc":
-                raise NotImplementedError("steer= is supported with method='mh' or 'scalable', not 'smc'")
         self.steer = steer
         if reject not in ("keep", "reprefill"):
             raise ValueError(f"reject must be 'keep' or 'reprefill', got {reject!r}")
@@ -307,7 +306,7 @@ class PowerSampler:
     def sample(self, prompts, *, n_chains: int = 1, generator: Optional[torch.Generator] = None,
                thinking_prompts=None, rows: Optional[int] = None):
         """Power-sample every prompt (``n_chains`` independent chains each for MH; for SMC one
-        selected particle per prompt and chain). With ``steer=`` (MH, scalable),
+        selected particle per prompt and chain). With ``steer=``,
         ``thinking_prompts`` gives the thinking model's prompt per problem. MH only: ``rows=R``
         keeps at most ``R`` chains in the cache with continuous batching (see :meth:`stream`); by
         default every chain gets a row.
@@ -315,7 +314,8 @@ class PowerSampler:
         if rows is not None and self.method != "mh":
             raise NotImplementedError("rows= (continuous batching) is supported with method='mh' only")
         if self.method == "smc":
-            return self._smc(*self._chains(prompts, n_chains, None)[:2], RandomStream(generator, self.m.device))
+            chain_prompts, index, tp = self._chains(prompts, n_chains, thinking_prompts)
+            return self._smc(chain_prompts, index, RandomStream(generator, self.m.device), tp)
         if self.method == "scalable":
             chain_prompts, index, tp = self._chains(prompts, n_chains, thinking_prompts)
             return scalable.sample(self, chain_prompts, index, RandomStream(generator, self.m.device), tp)
@@ -636,19 +636,25 @@ class PowerSampler:
         return out
 
     # ------------------------------------------------------------------ SMC
-    def _smc(self, prompts, prompt_index, rng):
-        """Power-SMC (see module docstring). ``prompts`` holds one entry per selected particle."""
+    def _smc(self, prompts, prompt_index, rng, thinking=None):
+        """Power-SMC (see module docstring). ``prompts`` holds one entry per selected particle
+        (``thinking``: its thinking prompt, with ``steer=``)."""
         t0 = time.perf_counter()
         dev, G, Np, T = self.m.device, len(prompts), self.n_particles, self.max_new_tokens
-        N = G * Np
-        width = bucketed(max(map(len, prompts)) + T + 1, self.compile_options)
-        ch = Chains.from_prompts([p for p in prompts for _ in range(Np)], pad=pad_id(self.eos), n_gen=T,
-                                 width=width, device=dev)
+        N, opts = G * Np, self.compile_options
+        width = bucketed(max(map(len, prompts)) + T + 1, opts)
+        twidth = 0 if thinking is None else bucketed(max(map(len, thinking)) + T + 1, opts)
+        per_particle = lambda xs: [x for x in xs for _ in range(Np)]   # noqa: E731
+        ch = Chains.from_prompts(per_particle(prompts), pad=pad_id(self.eos), n_gen=T, width=width, device=dev,
+                                 twidth=twidth, thinking=None if thinking is None else per_particle(thinking))
         logw = torch.zeros(N, dtype=torch.float64, device=dev)
         cum_lp = torch.zeros(N, dtype=torch.float64, device=dev)
         eos = torch.tensor(self.eos or [-1], device=dev)
-        cache = new_cache(self.m, N, width, self.compile_options)
-        logits = self.prefill(cache, ch.tokens, ch.P)
+        caches = [new_cache(self.m, N, width, opts)]
+        if thinking is not None:
+            caches.append(new_cache(self.steer.thinking.m, N, twidth, opts, layers=self.steer.sae_layer + 1))
+        cache, tcache = caches[0], caches[-1] if thinking is not None else None
+        logits = self.prefill(cache, ch.tokens, ch.P, ch, tcache)
         fw = int(ch.P.sum())
         n_resample = 0
         a_prev = None
@@ -656,7 +662,7 @@ class PowerSampler:
             a_t = self.alpha if self.alpha_ramp <= 0 else \
                 min(self.alpha, 1.0 + (self.alpha - 1.0) * t / self.alpha_ramp)
             if t > 0:
-                logits = self._forward_one(cache, ch)
+                logits = self._forward_one(cache, ch, tcache)
                 fw += int(N)
             tok, lp, lq = self._sample(logits, 1.0 / a_t, rng)
             active = ~ch.eos
@@ -668,7 +674,7 @@ class PowerSampler:
             cum_lp += torch.where(active, lp.double(), torch.zeros_like(cum_lp))
             ch.eos = ch.eos | (active & torch.isin(tok, eos)) | (ch.lengths >= T)
             if t < T - 1:
-                ch, cum_lp, logw, k = self._resample(ch, cache, cum_lp, logw, rng)
+                ch, cum_lp, logw, k = self._resample(ch, caches, cum_lp, logw, rng)
                 n_resample += k
             if (t + 1) % self.sync_every == 0 and bool(ch.eos.all()):
                 break
@@ -679,9 +685,9 @@ class PowerSampler:
             r.stats.update(self.last_stats)
         return out
 
-    def _resample(self, ch: Chains, cache, cum_lp, logw, rng):
+    def _resample(self, ch: Chains, caches, cum_lp, logw, rng):
         """Multinomial resampling of the groups whose effective sample size fell below the
-        threshold (particles and their KV rows copied by index). Returns the new particles,
+        threshold (particles and their KV rows in ``caches`` copied by index). Returns the new particles,
         ``cum_lp``, ``logw`` and how many groups were resampled."""
         Np = self.n_particles
         w = logw.view(-1, Np)
@@ -693,7 +699,8 @@ class PowerSampler:
         draw = rng.categorical(torch.softmax(w, 1).float(), Np)
         ident = torch.arange(Np, device=dev)[None, :].expand(G, Np)
         src = (torch.where(need[:, None], draw, ident) + torch.arange(G, device=dev)[:, None] * Np).reshape(-1)
-        cache.copy_rows_(torch.arange(G * Np, device=dev), src)
+        for cache in caches:
+            cache.copy_rows_(torch.arange(G * Np, device=dev), src)
         logw = torch.where(need[:, None], torch.logsumexp(w, 1, keepdim=True) - math.log(Np), w).reshape(-1)
         return ch.select(src), cum_lp.index_select(0, src), logw, int(need.sum())
 

@@ -366,3 +366,22 @@ def test_power_hybrid_scalable_samples_the_routed_model_with_the_scalable_sample
     a = ResultsLog(tmp_path / "s-1000000000.0" / "results.jsonl").rows()
     b = ResultsLog(tmp_path / "s1000000000.0" / "results.jsonl").rows()
     assert [r["output"] for r in a] != [r["output"] for r in b]     # steering changed the samples
+
+
+def test_power_hybrid_smc_samples_the_routed_model_with_smc(tmp_path):
+    """--method power-hybrid-smc: PowerSampler(method='smc', steer=routed HybridModel) with
+    --n-particles; steered_tokens follows the threshold and steering changes the samples."""
+    outs = {}
+    for threshold, steered_all in ((-1e9, True), (1e9, False)):
+        sae, vec = steering_artifacts(tmp_path / str(threshold), threshold=threshold)
+        out = tmp_path / f"s{threshold}"
+        run_eval("power-hybrid-smc", sae_dir=sae, vectors_dir=vec, limit=3, batch_size=2, max_new_tokens=4,
+                 n_particles=3, out=out, progress=False)
+        rows = ResultsLog(out / "results.jsonl").rows()
+        assert len(rows) == 3 and all(r["tokens"] > 0 for r in rows)
+        run = rows[0]["run"]
+        assert run["power"]["method"] == "smc" and run["power"]["n_particles"] == 3
+        assert run["hybrid"]["mode"] == "routed" and run["hybrid"]["threshold"] == threshold
+        assert [r["steered_tokens"] for r in rows] == [r["tokens"] if steered_all else 0 for r in rows]
+        outs[threshold] = [r["output"] for r in rows]
+    assert outs[-1e9] != outs[1e9]

@@ -5,7 +5,8 @@ import torch
 from hybridfast.power import PowerSampler, expected_mh_token_forwards
 from hybridfast.tiny import tiny_model
 
-from .helpers import ENUM_EOS as EOS, ENUM_PROMPT as PROMPT, chi2_pvalue, enum_model, exact_power
+from .helpers import (ENUM_EOS as EOS, ENUM_PROMPT as PROMPT, chi2_pvalue, enum_model, exact_power, pair,
+                      routed_logp, router_and_vectors)
 
 T = 3
 ALPHA = 2.0
@@ -157,3 +158,30 @@ def test_power_sampling_the_hybrid_model():
     assert run(2.0, reuse=False) == steered  # and KV reuse is exact under steering too
     with pytest.raises(ValueError, match="routed mode"):
         PowerSampler(base, steer=HybridModel(base, think, sae, vec, sae_layer=2, steer_layer=1))
+
+
+def test_power_smc_of_the_hybrid_model():
+    """Power-SMC with steer=: zero coefficients give exactly the unsteered particles; real ones
+    change them, resampling copies the thinking router's cache rows too, and every particle's
+    recorded log p equals the routed model's teacher-forced one."""
+    from hybridfast import HybridModel
+    base, think = pair("qwen2")
+    sae, vec = router_and_vectors(64, 64)
+    prompts, tprompts = [[5, 6, 7], [8, 9, 10, 11]], [[3, 4], [20, 21, 22]]
+    kw = dict(method="smc", alpha=4, n_particles=4, ess_threshold=1.0, max_new_tokens=8, eos_token_id=-1)
+
+    def run(coef):
+        hm = HybridModel(base, think, sae, vec, sae_layer=2, steer_layer=1, mode="routed",
+                         coefficients=coef, threshold=-1e9)
+        ps = PowerSampler(base, steer=hm, **kw)
+        return hm, ps, ps.sample(prompts, thinking_prompts=tprompts, generator=torch.Generator().manual_seed(4))
+    plain = PowerSampler(base, **kw).sample(prompts, generator=torch.Generator().manual_seed(4))
+    assert [(r.ids, r.logp) for r in run(0.0)[2]] == [(r.ids, r.logp) for r in plain]
+    hm, ps, out = run(2.0)
+    assert [r.ids for r in out] != [r.ids for r in plain]
+    assert ps.last_stats["resampling_events"] > 0            # ESS threshold 1: rows were copied
+    for r in out:
+        ref = routed_logp(hm, prompts[r.prompt_index], tprompts[r.prompt_index], r.ids)
+        assert r.logp == pytest.approx(ref.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="thinking prompt"):
+        PowerSampler(base, steer=hm, **kw).sample(prompts, generator=torch.Generator().manual_seed(4))
