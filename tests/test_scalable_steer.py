@@ -79,5 +79,3 @@ def test_bad_steer_is_refused(models):
         PowerSampler(think, method="scalable", steer=hybrid(models))
     with pytest.raises(ValueError, match="one thinking prompt per prompt"):
         PowerSampler(base, steer=hybrid(models), **KW).sample(PROMPTS)
-    with pytest.raises(NotImplementedError, match="not 'smc'"):
-        PowerSampler(base, method="smc", steer=hybrid(models))
