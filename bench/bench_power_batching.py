@@ -1,15 +1,17 @@
-"""MH chains, static vs continuous batching: seconds, decoded tokens/s, token-forwards and the
-fraction of decode row-steps spent on rows whose chain had nothing to do.
+"""MH chains (or SMC particle groups), static vs continuous batching: seconds, decoded tokens/s,
+token-forwards and the fraction of decode row-steps spent on rows whose chain had nothing to do.
 
     python bench/bench_power_batching.py                     # SmolLM2-135M, GSM8K prompts, CPU
     python bench/bench_power_batching.py --config qwen2.5-1.5b --problems 32 --rows 8
+    python bench/bench_power_batching.py --method smc --T 160   # SMC: 8 particles per problem
     python bench/bench_power_batching.py --smoke             # seconds (tiny model), checks the script
 
 *Static*: the problems run ``rows`` chains at a time in lockstep rounds, each group until its
 slowest chain ends (what ``hybridfast eval --method power-mh`` did first). *Continuous*:
 ``PowerSampler.sample(..., rows=R)`` keeps ``R`` chains live, steps every row on its own (each
 extension or MH step settles when it ends) and admits the next problem into a row as soon as its
-chain ends. Chains are sampled, so the two schedules draw different (equally valid) chains:
+chain ends (SMC: ``rows`` particle groups; a group's rows are refilled once all its particles
+ended, checked every ``sync_every`` steps). Chains are sampled, so the two schedules draw different (equally valid) chains:
 compare rates and counts, not tokens.
 """
 from __future__ import annotations
@@ -64,16 +66,19 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=96, help="max new tokens per chain")
     ap.add_argument("--block", type=int, default=24, help="MH block size")
     ap.add_argument("--n-mcmc", type=int, default=2)
+    ap.add_argument("--method", default="mh", choices=["mh", "smc"])
+    ap.add_argument("--particles", type=int, default=8, help="SMC: particles per problem")
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--prompt-len", type=int, default=48, help="--config: random prompt tokens")
     ap.add_argument("--seed", type=int, default=0)
     a = parse_with_smoke(ap, argv, SMOKE)
-    out = result_path(ap, a, "power-batching-" + (a.config or os.path.basename(a.model.rstrip("/")).lower()))
+    name = "power-batching-" + ("smc-" if a.method == "smc" else "")
+    out = result_path(ap, a, name + (a.config or os.path.basename(a.model.rstrip("/")).lower()))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, eos = bench_model(a, dev)
     prompts = prompts_for(a, model, tok)
-    ps = PowerSampler(model, alpha=a.alpha, block_size=a.block, n_mcmc=a.n_mcmc, max_new_tokens=a.T,
-                      eos_token_id=eos)
+    ps = PowerSampler(model, method=a.method, alpha=a.alpha, block_size=a.block, n_mcmc=a.n_mcmc,
+                      n_particles=a.particles, max_new_tokens=a.T, eos_token_id=eos)
     rows = []
     with torch.inference_mode():
         ps.sample(prompts[: a.rows], generator=torch.Generator().manual_seed(a.seed))   # warm-up

@@ -252,7 +252,8 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     steered_tokens, ...))]`` for method ``name``, run with ``params`` (from :func:`method_params`).
     Plain and hybrid methods decode ``rows`` problems at a time with continuous batching and yield
     each group of problems as it finishes, MH power methods keep ``rows`` chains live the same way
-    (:meth:`PowerSampler.stream`), power-smc and the scalable methods yield batches of ``rows`` problems. Each model reads prompts made and encoded with its own
+    (:meth:`PowerSampler.stream`), SMC methods ``rows`` particle groups, and the scalable methods yield
+    batches of ``rows`` problems. Each model reads prompts made and encoded with its own
     tokenizer; outputs are decoded with the tokenizer of the model that wrote them."""
     from .engine import Engine
     from .prompts import BASE_TEMPLATE, POWER_TEMPLATE, thinking_prompt
@@ -314,7 +315,7 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     def answers(problems, rows):
         prompts = enc(btok, [power_prompt(p["question"]) for p in problems])
         thinking = [think_prompt(p["question"]) for p in problems] if steer else None
-        if ps.method == "mh":   # continuous batching: rows chains live, a row refilled when its chain ends
+        if ps.method in ("mh", "smc"):   # continuous batching: rows chains (SMC: particle groups) live
             for res in ps.stream(prompts, **params["sample"], rows=rows, generator=generator(),
                                  thinking_prompts=thinking):
                 yield answered(problems, res, thinking)
@@ -662,7 +663,8 @@ def _eval_parser() -> ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4, help="rows decoded at once (>= 1; not part of the run): plain and hybrid methods "
                     "refill a row as soon as its problem ends (continuous batching); MH power methods keep this many "
-                    "chains live, refilled as chains end; power-smc and the scalable methods sample this many problems per batch")
+                    "chains live, refilled as chains end; SMC methods as many particle groups; the scalable methods "
+                    "sample this many problems per batch")
     ap.add_argument("--sae", help="SAE folder (router) for the steered methods, from `hybridfast discover`")
     ap.add_argument("--vectors", help="steering-vectors folder for the steered methods, from "
                                       "`hybridfast train-vectors`")

@@ -39,7 +39,10 @@ proposal, incremental log-weights ``alpha * lp - lq``, multinomial resampling (K
 index) when the effective sample size falls below ``ess_threshold * n_particles``, optional
 linear ramp of alpha over the first ``alpha_ramp`` tokens. Returns one particle per prompt drawn
 from the final weights, plus the weights. ``steer=`` as with MH (resampling copies the thinking
-router's cache rows with the particles').
+router's cache rows with the particles'). ``rows=R`` (:meth:`PowerSampler.stream`) keeps at most
+``R`` particle groups in the cache: a group whose particles have all ended (checked every
+``sync_every`` steps) yields its particle and the next problem's particles are prefilled into its
+rows; the default runs every group at once.
 
 ``method="scalable"`` — scalable power sampling (approximate; :mod:`hybridfast.scalable`): each
 token (``variant="token"``) or block (``variant="block"``) is drawn from ``n_candidates``
@@ -306,17 +309,14 @@ class PowerSampler:
     def sample(self, prompts, *, n_chains: int = 1, generator: Optional[torch.Generator] = None,
                thinking_prompts=None, rows: Optional[int] = None):
         """Power-sample every prompt (``n_chains`` independent chains each for MH; for SMC one
-        selected particle per prompt and chain). With ``steer=``,
-        ``thinking_prompts`` gives the thinking model's prompt per problem. MH only: ``rows=R``
-        keeps at most ``R`` chains in the cache with continuous batching (see :meth:`stream`); by
-        default every chain gets a row.
+        selected particle per prompt and chain). With ``steer=``, ``thinking_prompts`` gives the
+        thinking model's prompt per problem. MH and SMC: ``rows=R`` keeps at most ``R`` chains
+        (SMC: particle groups) in the cache with continuous batching (see :meth:`stream`); by
+        default every chain gets its rows.
         Returns a list of :class:`PowerResult`, chains of a prompt together, in prompt order."""
-        if rows is not None and self.method != "mh":
-            raise NotImplementedError("rows= (continuous batching) is supported with method='mh' only")
-        if self.method == "smc":
-            chain_prompts, index, tp = self._chains(prompts, n_chains, thinking_prompts)
-            return self._smc(chain_prompts, index, RandomStream(generator, self.m.device), tp)
         if self.method == "scalable":
+            if rows is not None:
+                raise NotImplementedError("rows= (continuous batching) is supported with method='mh' or 'smc'")
             chain_prompts, index, tp = self._chains(prompts, n_chains, thinking_prompts)
             return scalable.sample(self, chain_prompts, index, RandomStream(generator, self.m.device), tp)
         out = {}
@@ -330,25 +330,29 @@ class PowerSampler:
     @torch.inference_mode()
     def stream(self, prompts, *, rows: int, n_chains: int = 1,
                generator: Optional[torch.Generator] = None, thinking_prompts=None):
-        """MH with continuous batching: at most ``rows`` chains live in the cache, each row stepped
+        """Continuous batching. MH: at most ``rows`` chains live in the cache, each row stepped
         on its own (module docstring); when a chain ends, the next queued one is prefilled into its
-        row. Yields the chains that ended at each sync point, in the order they end
-        (``prompt_index`` says whose); ``last_stats`` is set once the stream is exhausted. Every
-        chain runs the MH of the static batch (its own caps and Hastings term), but its random
-        draws depend on the schedule: same prompts, ``rows`` and seed, same output."""
-        if self.method != "mh":
-            raise NotImplementedError("stream() is MH with continuous batching (method='mh')")
+        row. SMC: at most ``rows`` particle groups; when every particle of a group has ended, its
+        particle is drawn and the next group is prefilled into its rows. Yields the results that
+        ended at each sync point, in the order they end (``prompt_index`` says whose);
+        ``last_stats`` is set once the stream is exhausted. Every chain runs the algorithm of the
+        static batch, but its random draws depend on the schedule: same prompts, ``rows`` and
+        seed, same output."""
+        if self.method not in ("mh", "smc"):
+            raise NotImplementedError("stream() is MH or SMC with continuous batching (method='mh' or 'smc')")
         for group in self._stream(prompts, n_chains, rows, generator, thinking_prompts):
             yield list(group.values())
 
     def _stream(self, prompts, n_chains, rows, generator, thinking_prompts):
         if rows is not None and int(rows) < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
-        if rows is not None and not (self.reuse and self.reject == "keep"):
+        if rows is not None and self.method == "mh" and not (self.reuse and self.reject == "keep"):
             raise NotImplementedError("rows= (continuous batching) needs KV reuse with reject='keep' "
                                       f"(got reuse={self.reuse}, reject={self.reject!r})")
         chain_prompts, index, tp = self._chains(prompts, n_chains, thinking_prompts)
         rng = RandomStream(generator, self.m.device)
+        if self.method == "smc":
+            return self._smc(chain_prompts, index, rng, tp, rows)
         if rows is None:
             return self._mh(chain_prompts, index, rng, tp)
         return self._mh_async(chain_prompts, index, rng, tp, min(int(rows), len(chain_prompts)))
@@ -636,64 +640,147 @@ class PowerSampler:
         return out
 
     # ------------------------------------------------------------------ SMC
-    def _smc(self, prompts, prompt_index, rng, thinking=None):
+    def _smc(self, prompts, prompt_index, rng, thinking=None, rows=None):
         """Power-SMC (see module docstring). ``prompts`` holds one entry per selected particle
-        (``thinking``: its thinking prompt, with ``steer=``)."""
+        (a group of ``n_particles`` rows; ``thinking``: its thinking prompt, with ``steer=``).
+        ``rows=R`` keeps at most ``R`` groups in the cache: when every particle of a group has
+        ended (checked every ``sync_every`` steps, or when the host knows a group reached
+        ``max_new_tokens``) and others wait, its particle is drawn and the next group is
+        prefilled into its rows. Yields ``{group: PowerResult}`` as groups finish."""
         t0 = time.perf_counter()
-        dev, G, Np, T = self.m.device, len(prompts), self.n_particles, self.max_new_tokens
-        N, opts = G * Np, self.compile_options
+        G, Np, T = len(prompts), self.n_particles, self.max_new_tokens
+        run = self._smc_rows(prompts, thinking, G if rows is None else min(int(rows), G))
+        queue, age = deque(range(G)), [0] * run.R      # host: steps each slot's group has taken
+        while True:
+            free = [s for s, g in enumerate(run.group) if g < 0][: len(queue)]
+            if free:
+                self._smc_admit(run, free, [queue.popleft() for _ in free], prompts, thinking)
+                for s in free:
+                    age[s] = 0
+            live = [s for s, g in enumerate(run.group) if g >= 0]
+            if not live:
+                break
+            pending = [s for s in live if age[s] < T]      # groups at T wait for the others' end
+            n = min([self.sync_every] + [T - age[s] for s in pending]) if pending else 0
+            for i in range(n):
+                self._smc_step(run, rng, age[live[0]] + i)
+            for s in pending:
+                age[s] += n
+            done = run.ch.eos.view(run.R, Np).all(1).tolist()
+            run.counts.syncs += 1
+            ended = [s for s in live if done[s] or age[s] >= T]
+            if ended and (queue or len(ended) == len(live)):
+                yield self._smc_leave(run, ended, prompt_index, rng)
+        self.last_stats = dict(token_forwards=int(run.counts.fw), decoded_tokens=int(run.counts.decoded),
+                               seconds=time.perf_counter() - t0, resampling_events=run.resampled, particles=G * Np,
+                               rows=run.R * Np, row_steps=run.counts.steps * run.R * Np,
+                               idle_row_steps=int(run.counts.idle), host_syncs=run.counts.syncs)
+
+    def _smc_rows(self, prompts, thinking, R: int) -> "_SMCRows":
+        """The caches and particles of ``R`` group slots (``n_particles`` rows each)."""
+        dev, Np, T, opts = self.m.device, self.n_particles, self.max_new_tokens, self.compile_options
+        if R < len(prompts) and self.alpha_ramp > 0:
+            raise NotImplementedError("rows= (continuous batching) with alpha_ramp > 0: groups at "
+                                      "different steps would need different proposal temperatures")
         width = bucketed(max(map(len, prompts)) + T + 1, opts)
         twidth = 0 if thinking is None else bucketed(max(map(len, thinking)) + T + 1, opts)
-        per_particle = lambda xs: [x for x in xs for _ in range(Np)]   # noqa: E731
-        ch = Chains.from_prompts(per_particle(prompts), pad=pad_id(self.eos), n_gen=T, width=width, device=dev,
-                                 twidth=twidth, thinking=None if thinking is None else per_particle(thinking))
-        logw = torch.zeros(N, dtype=torch.float64, device=dev)
-        cum_lp = torch.zeros(N, dtype=torch.float64, device=dev)
-        eos = torch.tensor(self.eos or [-1], device=dev)
-        caches = [new_cache(self.m, N, width, opts)]
+        caches = [new_cache(self.m, R * Np, width, opts)]
         if thinking is not None:
-            caches.append(new_cache(self.steer.thinking.m, N, twidth, opts, layers=self.steer.sae_layer + 1))
-        cache, tcache = caches[0], caches[-1] if thinking is not None else None
-        logits = self.prefill(cache, ch.tokens, ch.P, ch, tcache)
-        fw = int(ch.P.sum())
-        n_resample = 0
-        a_prev = None
-        for t in range(T):
-            a_t = self.alpha if self.alpha_ramp <= 0 else \
-                min(self.alpha, 1.0 + (self.alpha - 1.0) * t / self.alpha_ramp)
-            if t > 0:
-                logits = self._forward_one(cache, ch, tcache)
-                fw += int(N)
-            tok, lp, lq = self._sample(logits, 1.0 / a_t, rng)
-            active = ~ch.eos
-            if a_prev is not None and a_t != a_prev:   # the target's exponent moved: reweight the past
-                logw += (a_t - a_prev) * cum_lp
-            a_prev = a_t
-            logw += torch.where(active, a_t * lp.double() - lq.double(), torch.zeros_like(logw))
-            ch.append_(tok, lp, lq, active)
-            cum_lp += torch.where(active, lp.double(), torch.zeros_like(cum_lp))
-            ch.eos = ch.eos | (active & torch.isin(tok, eos)) | (ch.lengths >= T)
-            if t < T - 1:
-                ch, cum_lp, logw, k = self._resample(ch, caches, cum_lp, logw, rng)
-                n_resample += k
-            if (t + 1) % self.sync_every == 0 and bool(ch.eos.all()):
-                break
-        out = self._smc_results(ch, logw.view(G, Np), prompt_index, rng)
-        self.last_stats = dict(token_forwards=fw, decoded_tokens=int(ch.lengths.sum()),
-                               seconds=time.perf_counter() - t0, resampling_events=n_resample, particles=N)
-        for r in out:
-            r.stats.update(self.last_stats)
-        return out
+            caches.append(new_cache(self.steer.thinking.m, R * Np, twidth, opts, layers=self.steer.sae_layer + 1))
+        zeros = lambda: torch.zeros(R * Np, dtype=torch.float64, device=dev)   # noqa: E731
+        return _SMCRows(caches, width, twidth, R, Np, zeros(), zeros(), torch.zeros(R, dtype=torch.int64, device=dev),
+                        torch.tensor(self.eos or [-1], device=dev), _Counts.zeros(dev))
 
-    def _resample(self, ch: Chains, caches, cum_lp, logw, rng):
+    def _smc_admit(self, run: "_SMCRows", slots: list, groups: list, prompts, thinking) -> None:
+        """Start ``groups`` in the free ``slots``: fresh particles, zero weights, their prompts
+        prefilled into the slots' rows (the first token's logits kept for the next step)."""
+        dev, Np = self.m.device, self.n_particles
+        rows = [s * Np + i for s in slots for i in range(Np)]
+        per_particle = lambda xs: [xs[g] for g in groups for _ in range(Np)]   # noqa: E731
+        new = Chains.from_prompts(per_particle(prompts), pad=pad_id(self.eos), n_gen=self.max_new_tokens,
+                                  width=run.width, device=dev, twidth=run.twidth,
+                                  thinking=None if thinking is None else per_particle(thinking))
+        for s, g in zip(slots, groups):
+            run.group[s] = g
+        idx, sidx = torch.tensor(rows, device=dev), torch.tensor(slots, device=dev)
+        run.logw.index_fill_(0, idx, 0.0)
+        run.cum_lp.index_fill_(0, idx, 0.0)
+        run.age.index_fill_(0, sidx, 0)
+        if run.ch is None:
+            run.ch = new
+        else:
+            run.ch.write_(idx, new)
+        tcache = run.caches[1] if len(run.caches) > 1 else None
+        if len(rows) == run.R * Np:
+            run.first, run.fresh = self.prefill(run.caches[0], run.ch.tokens, run.ch.P, run.ch, tcache), None
+        else:
+            opts = self.compile_options
+            sub = [new_cache(self.m, len(rows), run.width, opts)]
+            if tcache is not None:
+                sub.append(new_cache(self.steer.thinking.m, len(rows), run.twidth, opts, layers=len(tcache.kv)))
+            logits = self.prefill(sub[0], new.tokens, new.P, new, sub[1] if len(sub) > 1 else None)
+            for c, sc in zip(run.caches, sub):
+                c.write_rows_(idx, sc)
+            run.first = logits.new_zeros(run.R * Np, logits.shape[1]).index_copy_(0, idx, logits)
+            run.fresh = torch.zeros(run.R * Np, dtype=torch.bool, device=dev).index_fill_(0, idx, True)
+        run.counts.fw += new.P.sum()
+
+    def _smc_step(self, run: "_SMCRows", rng, t: int) -> None:
+        """One token for every particle: proposal at temperature ``1/alpha`` (with ``alpha_ramp``,
+        the exponent of step ``t``, which every group shares then), incremental weights,
+        resampling of the groups whose ESS fell (not at a group's last step)."""
+        ch, caches, T = run.ch, run.caches, self.max_new_tokens
+        a_t = self.alpha if self.alpha_ramp <= 0 else min(self.alpha, 1.0 + (self.alpha - 1.0) * t / self.alpha_ramp)
+        active = ~ch.eos
+        if run.first is not None and run.fresh is None:      # every row just prefilled
+            logits, fed = run.first, torch.zeros_like(active)
+        else:
+            logits = self._forward_one(caches[0], ch, caches[1] if len(caches) > 1 else None)
+            fed = torch.ones_like(active) if run.fresh is None else ~run.fresh
+            if run.first is not None:
+                logits = torch.where(run.fresh[:, None], run.first, logits)
+        run.first = run.fresh = None
+        run.counts.step(fed, active)
+        tok, lp, lq = self._sample(logits, 1.0 / a_t, rng)
+        if run.a_prev is not None and a_t != run.a_prev:   # the target's exponent moved: reweight the past
+            run.logw += (a_t - run.a_prev) * run.cum_lp
+        run.a_prev = a_t
+        run.logw += torch.where(active, a_t * lp.double() - lq.double(), torch.zeros_like(run.logw))
+        ch.append_(tok, lp, lq, active)
+        run.cum_lp += torch.where(active, lp.double(), torch.zeros_like(run.cum_lp))
+        ch.eos = ch.eos | (active & torch.isin(tok, run.eos)) | (ch.lengths >= T)
+        run.age += 1
+        last = run.age >= T                    # no resampling at a group's last step
+        run.ch, run.cum_lp, run.logw, k = self._resample(ch, caches, run.cum_lp, run.logw, rng, last)
+        run.resampled += k
+
+    def _smc_leave(self, run: "_SMCRows", slots: list, prompt_index, rng) -> dict:
+        """Draw the selected particle of the groups in ``slots`` and free the slots (their rows
+        marked ended, weights reset)."""
+        Np, dev = self.n_particles, self.m.device
+        rows = torch.tensor([s * Np + i for s in slots for i in range(Np)], device=dev)
+        ch = run.ch.select(rows)
+        w = run.logw.index_select(0, rows).view(len(slots), Np)
+        run.counts.decoded += ch.lengths.sum()          # the final particles' lengths
+        out = self._smc_results(ch, w, [prompt_index[run.group[s]] for s in slots], rng)
+        run.ch.eos = run.ch.eos.index_fill(0, rows, True)
+        run.logw.index_fill_(0, rows, 0.0)
+        res = {}
+        for s, r in zip(slots, out):
+            res[run.group[s]] = r
+            run.group[s] = -1
+        return res
+
+    def _resample(self, ch: Chains, caches, cum_lp, logw, rng, last):
         """Multinomial resampling of the groups whose effective sample size fell below the
-        threshold (particles and their KV rows in ``caches`` copied by index). Returns the new particles,
-        ``cum_lp``, ``logw`` and how many groups were resampled."""
+        threshold, except where ``last [G]`` (particles and their KV rows in ``caches`` copied
+        by index). Returns the new particles, ``cum_lp``, ``logw`` and how many groups were
+        resampled."""
         Np = self.n_particles
         w = logw.view(-1, Np)
         G, dev = w.shape[0], w.device
         ess = torch.exp(2 * torch.logsumexp(w, 1) - torch.logsumexp(2 * w, 1))
-        need = ess < self.ess_threshold * Np
+        need = (ess < self.ess_threshold * Np) & ~last
         if not bool(need.any()):
             return ch, cum_lp, logw, 0
         draw = rng.categorical(torch.softmax(w, 1).float(), Np)
@@ -764,6 +851,30 @@ class _Phases:
         self.start.index_copy_(0, rows, start)
         self.cap.index_copy_(0, rows, cap)
         self.extension.index_copy_(0, rows, extension)
+
+
+@dataclass
+class _SMCRows:
+    """The cache rows of one SMC call: ``R`` group slots of ``Np`` particle rows each."""
+    caches: list          #: [cache] plus the thinking router's with steer=
+    width: int
+    twidth: int
+    R: int
+    Np: int
+    logw: torch.Tensor    #: [R Np] float64 log-weights
+    cum_lp: torch.Tensor  #: [R Np] float64 sum of log p so far (alpha_ramp reweighting)
+    age: torch.Tensor     #: [R] steps each slot's group has taken
+    eos: torch.Tensor     #: the EOS ids
+    counts: _Counts
+    ch: Optional[Chains] = None
+    group: list = None    #: group in each slot (-1: free)
+    first: Optional[torch.Tensor] = None   #: first-token logits of rows prefilled since the last step
+    fresh: Optional[torch.Tensor] = None   #: those rows (None with first: every row)
+    a_prev: Optional[float] = None
+    resampled: int = 0
+
+    def __post_init__(self):
+        self.group = [-1] * self.R
 
 
 @dataclass
