@@ -753,6 +753,7 @@ class PowerSampler:
         last = run.age >= T                    # no resampling at a group's last step
         run.ch, run.cum_lp, run.logw, k = self._resample(ch, caches, run.cum_lp, run.logw, rng, last)
         run.resampled += k
+        run.counts.syncs += 1                  # whether any group resamples is read on the host
 
     def _smc_leave(self, run: "_SMCRows", slots: list, prompt_index, rng) -> dict:
         """Draw the selected particle of the groups in ``slots`` and free the slots (their rows
