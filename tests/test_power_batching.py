@@ -225,8 +225,8 @@ def test_steered_mh_with_rows(steered):
 def test_rows_refused_where_unsupported(tiny):
     with pytest.raises(ValueError, match="rows must be >= 1"):
         PowerSampler(tiny, **TINY).sample([[5]], rows=0)
-    with pytest.raises(NotImplementedError, match="method='mh' only"):
-        PowerSampler(tiny, **TINY, method="smc").sample([[5]], rows=2)
+    with pytest.raises(NotImplementedError, match="method='mh' or 'smc'"):
+        PowerSampler(tiny, **TINY, method="scalable").sample([[5]], rows=2)
     for kw in (dict(reuse=False), dict(reject="reprefill")):
         with pytest.raises(NotImplementedError, match="needs KV reuse"):
             PowerSampler(tiny, **TINY, **kw).sample([[5]], rows=2)
