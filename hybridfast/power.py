@@ -500,22 +500,28 @@ class PowerSampler:
                 c.settle_rows_(idx, torch.zeros_like(idx, dtype=torch.bool), pc)
 
     def _prefill_rows(self, run: "_MHRows", idx, new: Chains) -> None:
-        """Prefill the prompts of ``new`` (in rows ``idx``); every row at once in place, else into
-        fresh caches whose rows are then copied in."""
-        caches = [c for c, _ in run.caches]
-        if len(idx) == run.R:
-            run.first, run.fresh = self.prefill(caches[0], run.cur.tokens, run.cur.P, run.cur, run.tcache), None
-        else:
-            opts, n = self.compile_options, len(idx)
-            sub = [new_cache(self.m, n, run.width, opts)]
-            if self.steer is not None:
-                sub.append(new_cache(self.steer.thinking.m, n, run.twidth, opts, layers=len(caches[1].kv)))
-            logits = self.prefill(sub[0], new.tokens, new.P, new, sub[1] if len(sub) > 1 else None)
-            for c, s in zip(caches, sub):
-                c.write_rows_(idx, s)
-            run.first = logits.new_zeros(run.R, logits.shape[1]).index_copy_(0, idx, logits)
-            run.fresh = torch.zeros(run.R, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
+        """Prefill the prompts of ``new`` (in rows ``idx``) into the chains' caches."""
+        run.first, run.fresh = self._prefill_into([c for c, _ in run.caches], idx, new, run.cur, run.width, run.twidth)
         run.counts.fw += new.P.sum()
+
+    def _prefill_into(self, caches: list, idx, new: Chains, every: Chains, width: int, twidth: int):
+        """Prefill the prompts of ``new`` into rows ``idx`` of ``caches`` (the model's, then the
+        thinking router's with ``steer=``): when ``idx`` is every row, in place from ``every``
+        (the chains of all rows), else into fresh caches whose rows are copied in. Returns the
+        logits of each row's first token and which rows they are for (None: every row)."""
+        N = caches[0].kv[0].shape[0]
+        tcache = caches[1] if len(caches) > 1 else None
+        if len(idx) == N:
+            return self.prefill(caches[0], every.tokens, every.P, every, tcache), None
+        opts, n = self.compile_options, len(idx)
+        sub = [new_cache(self.m, n, width, opts)]
+        if tcache is not None:
+            sub.append(new_cache(self.steer.thinking.m, n, twidth, opts, layers=len(tcache.kv)))
+        logits = self.prefill(sub[0], new.tokens, new.P, new, sub[1] if tcache is not None else None)
+        for c, sc in zip(caches, sub):
+            c.write_rows_(idx, sc)
+        first = logits.new_zeros(N, logits.shape[1]).index_copy_(0, idx, logits)
+        return first, torch.zeros(N, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
 
     def _round(self, run: "_MHRows", rng) -> list:
         """One round: every live chain extends by up to one block to its own cap, then
@@ -710,19 +716,7 @@ class PowerSampler:
             run.ch = new
         else:
             run.ch.write_(idx, new)
-        tcache = run.caches[1] if len(run.caches) > 1 else None
-        if len(rows) == run.R * Np:
-            run.first, run.fresh = self.prefill(run.caches[0], run.ch.tokens, run.ch.P, run.ch, tcache), None
-        else:
-            opts = self.compile_options
-            sub = [new_cache(self.m, len(rows), run.width, opts)]
-            if tcache is not None:
-                sub.append(new_cache(self.steer.thinking.m, len(rows), run.twidth, opts, layers=len(tcache.kv)))
-            logits = self.prefill(sub[0], new.tokens, new.P, new, sub[1] if len(sub) > 1 else None)
-            for c, sc in zip(run.caches, sub):
-                c.write_rows_(idx, sc)
-            run.first = logits.new_zeros(run.R * Np, logits.shape[1]).index_copy_(0, idx, logits)
-            run.fresh = torch.zeros(run.R * Np, dtype=torch.bool, device=dev).index_fill_(0, idx, True)
+        run.first, run.fresh = self._prefill_into(run.caches, idx, new, run.ch, run.width, run.twidth)
         run.counts.fw += new.P.sum()
 
     def _smc_step(self, run: "_SMCRows", rng, t: int) -> None:
