@@ -348,39 +348,25 @@ def test_bench_writes_a_new_result_file_unless_overwrite(tmp_path, monkeypatch, 
     assert len(list(tmp_path.glob("*.json"))) == 3
 
 
-def test_power_hybrid_scalable_samples_the_routed_model_with_the_scalable_sampler(tmp_path):
-    """--method power-hybrid-scalable: PowerSampler(method='scalable', steer=routed HybridModel);
-    the run records the scalable settings and the routing, and steered_tokens follows the threshold."""
-    scalable = dict(n_candidates=2, n_rollouts=2, horizon=2)
-    for threshold, steered_all in ((-1e9, True), (1e9, False)):
-        sae, vec = steering_artifacts(tmp_path / str(threshold), threshold=threshold)
-        out = tmp_path / f"s{threshold}"
-        run_eval("power-hybrid-scalable", sae_dir=sae, vectors_dir=vec, limit=3, batch_size=2, max_new_tokens=4,
-                 out=out, progress=False, scalable=scalable)
-        rows = ResultsLog(out / "results.jsonl").rows()
-        assert len(rows) == 3 and all(r["tokens"] > 0 for r in rows)
-        run = rows[0]["run"]
-        assert run["power"]["method"] == "scalable" and run["power"]["n_candidates"] == 2
-        assert run["hybrid"]["mode"] == "routed" and run["hybrid"]["threshold"] == threshold
-        assert [r["steered_tokens"] for r in rows] == [r["tokens"] if steered_all else 0 for r in rows]
-    a = ResultsLog(tmp_path / "s-1000000000.0" / "results.jsonl").rows()
-    b = ResultsLog(tmp_path / "s1000000000.0" / "results.jsonl").rows()
-    assert [r["output"] for r in a] != [r["output"] for r in b]     # steering changed the samples
-
-
-def test_power_hybrid_smc_samples_the_routed_model_with_smc(tmp_path):
-    """--method power-hybrid-smc: PowerSampler(method='smc', steer=routed HybridModel) with
-    --n-particles; steered_tokens follows the threshold and steering changes the samples."""
+@pytest.mark.parametrize("method, settings, recorded", [
+    ("power-hybrid-scalable", dict(scalable=dict(n_candidates=2, n_rollouts=2, horizon=2)),
+     dict(method="scalable", n_candidates=2)),
+    ("power-hybrid-smc", dict(n_particles=3), dict(method="smc", n_particles=3)),
+])
+def test_steered_power_methods_sample_the_routed_model(tmp_path, method, settings, recorded):
+    """--method power-hybrid-scalable / power-hybrid-smc: PowerSampler(method=..., steer=routed
+    HybridModel); the run records the sampler's settings and the routing, steered_tokens follows
+    the threshold, and steering changes the samples."""
     outs = {}
     for threshold, steered_all in ((-1e9, True), (1e9, False)):
         sae, vec = steering_artifacts(tmp_path / str(threshold), threshold=threshold)
         out = tmp_path / f"s{threshold}"
-        run_eval("power-hybrid-smc", sae_dir=sae, vectors_dir=vec, limit=3, batch_size=2, max_new_tokens=4,
-                 n_particles=3, out=out, progress=False)
+        run_eval(method, sae_dir=sae, vectors_dir=vec, limit=3, batch_size=2, max_new_tokens=4, out=out,
+                 progress=False, **settings)
         rows = ResultsLog(out / "results.jsonl").rows()
         assert len(rows) == 3 and all(r["tokens"] > 0 for r in rows)
         run = rows[0]["run"]
-        assert run["power"]["method"] == "smc" and run["power"]["n_particles"] == 3
+        assert {k: run["power"][k] for k in recorded} == recorded
         assert run["hybrid"]["mode"] == "routed" and run["hybrid"]["threshold"] == threshold
         assert [r["steered_tokens"] for r in rows] == [r["tokens"] if steered_all else 0 for r in rows]
         outs[threshold] = [r["output"] for r in rows]
