@@ -23,7 +23,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_output_flags, env_info, result_path, show_warnings_once, table, write  # noqa: E402
+from common import env_info, parse_with_smoke, result_path, show_warnings_once, table, write  # noqa: E402
 
 SMOKE = dict(model="tiny", rows=2, requests=3, concurrency=[1, 2], max_tokens=4, max_model_len=512)
 
@@ -119,12 +119,7 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=16, help="server --rows (default: %(default)s)")
     ap.add_argument("--max-model-len", type=int, default=1024, help="server --max-model-len (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="server --seed (default: %(default)s)")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, a few requests: checks the script runs")
-    add_output_flags(ap)
-    a = ap.parse_args(argv)
-    if a.smoke:
-        for k, v in SMOKE.items():
-            setattr(a, k, v)
+    a = parse_with_smoke(ap, argv, SMOKE)
     out = result_path(ap, a, "serve-" + os.path.basename(a.model.rstrip("/")).lower())
     show_warnings_once()
     from hybridfast.serving.app import BackgroundServer, create_app
