@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .engine import pad_prompts
+from .model import settle_rows
 
 __all__ = ["Chains"]
 
@@ -72,11 +73,7 @@ class Chains:
         proposal's where ``accept [n]`` is true, else these chains' (the outcome of a
         Metropolis-Hastings step, held by both)."""
         for k, t in self._tensors().items():
-            o = getattr(proposal, k)
-            a = accept.view(-1, *([1] * (t.ndim - 1)))
-            new = torch.where(a, o.index_select(0, rows), t.index_select(0, rows))
-            t.index_copy_(0, rows, new)
-            o.index_copy_(0, rows, new)
+            settle_rows(t, getattr(proposal, k), rows, accept)
 
     def append_(self, tok: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor,
                 active: torch.Tensor) -> None:

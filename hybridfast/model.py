@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DecoderModel", "KVCache", "StepPlan", "Hooks", "capture", "rotate", "attention_partial",
+__all__ = ["DecoderModel", "KVCache", "StepPlan", "Hooks", "capture", "settle_rows", "rotate", "attention_partial",
            "merge_partials", "ATTENTION"]
 
 ATTENTION = ("sdpa", "flex")
@@ -81,20 +81,24 @@ class KVCache:
         """In place, in this cache and in ``proposal`` (same shape): rows ``rows [n]`` of both
         become the proposal's where ``accept [n]`` is true, else this cache's (where a
         Metropolis-Hastings step ends, both caches hold its outcome; only those rows move)."""
-        a = accept.view(-1, 1, 1, 1)
-        for t, o in zip(self.kv, proposal.kv):
-            new = torch.where(a, o.index_select(0, rows), t.index_select(0, rows))
-            t.index_copy_(0, rows, new)
-            o.index_copy_(0, rows, new)
-        new = torch.where(accept, proposal.lengths.index_select(0, rows), self.lengths.index_select(0, rows))
-        self.lengths.index_copy_(0, rows, new)
-        proposal.lengths.index_copy_(0, rows, new)
+        for t, o in zip(self.kv + [self.lengths], proposal.kv + [proposal.lengths]):
+            settle_rows(t, o, rows, accept)
 
     def copy_rows_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """In place: rows ``dst`` become copies of rows ``src`` (KV and lengths)."""
         for t in self.kv:
             t.index_copy_(0, dst, t.index_select(0, src))
         self.lengths.index_copy_(0, dst, self.lengths.index_select(0, src))
+
+
+def settle_rows(mine: torch.Tensor, proposal: torch.Tensor, rows: torch.Tensor, accept: torch.Tensor) -> None:
+    """In place, in both tensors (same shape): rows ``rows [n]`` become ``proposal``'s where
+    ``accept [n]`` is true, else ``mine``'s (the outcome of a Metropolis-Hastings step, held by
+    the chain and its proposal alike)."""
+    a = accept.view(-1, *([1] * (mine.ndim - 1)))
+    new = torch.where(a, proposal.index_select(0, rows), mine.index_select(0, rows))
+    mine.index_copy_(0, rows, new)
+    proposal.index_copy_(0, rows, new)
 
 
 def capture(into: dict, at=None):

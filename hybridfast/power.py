@@ -694,7 +694,7 @@ class PowerSampler:
         if thinking is not None:
             caches.append(new_cache(self.steer.thinking.m, R * Np, twidth, opts, layers=self.steer.sae_layer + 1))
         zeros = lambda: torch.zeros(R * Np, dtype=torch.float64, device=dev)   # noqa: E731
-        return _SMCRows(caches, width, twidth, R, Np, zeros(), zeros(), torch.zeros(R, dtype=torch.int64, device=dev),
+        return _SMCRows(caches, width, twidth, R, zeros(), zeros(), torch.zeros(R, dtype=torch.int64, device=dev),
                         torch.tensor(self.eos or [-1], device=dev), _Counts.zeros(dev))
 
     def _smc_admit(self, run: "_SMCRows", slots: list, groups: list, prompts, thinking) -> None:
@@ -855,7 +855,6 @@ class _SMCRows:
     width: int
     twidth: int
     R: int
-    Np: int
     logw: torch.Tensor    #: [R Np] float64 log-weights
     cum_lp: torch.Tensor  #: [R Np] float64 sum of log p so far (alpha_ramp reweighting)
     age: torch.Tensor     #: [R] steps each slot's group has taken
