@@ -755,7 +755,10 @@ class PowerSampler:
         Np, dev = self.n_particles, self.m.device
         rows = torch.tensor([s * Np + i for s in slots for i in range(Np)], device=dev)
         ch = run.ch.select(rows)
-        w = run.logw.index_select(0, rows).view(len(slots), Np)
+        w = run.logw.index_select(0, rows)
+        if run.a_prev is not None and run.a_prev != self.alpha:   # a ramp cut short: reweight to p^alpha
+            w = w + (self.alpha - run.a_prev) * run.cum_lp.index_select(0, rows)
+        w = w.view(len(slots), Np)
         run.counts.decoded += ch.lengths.sum()          # the final particles' lengths
         out = self._smc_results(ch, w, [prompt_index[run.group[s]] for s in slots], rng)
         run.ch.eos = run.ch.eos.index_fill(0, rows, True)

@@ -50,9 +50,9 @@ def test_smc_tv_shrinks_with_particles(target):
     m, seqs, probs = target
     index = {s: i for i, s in enumerate(seqs)}
 
-    def weighted_measure(n_particles, groups, seed):
+    def weighted_measure(n_particles, groups, seed, **kw):
         ps = PowerSampler(m, alpha=ALPHA, max_new_tokens=T, method="smc", n_particles=n_particles,
-                          eos_token_id=EOS)
+                          eos_token_id=EOS, **kw)
         out = ps.sample([PROMPT] * groups, generator=torch.Generator().manual_seed(seed))
         acc = torch.zeros(len(seqs), dtype=torch.float64)
         for r in out:
@@ -64,6 +64,8 @@ def test_smc_tv_shrinks_with_particles(target):
     tv256 = 0.5 * (weighted_measure(256, 60, 2) - probs).abs().sum()
     assert tv256 < tv8, (tv8, tv256)
     assert tv256 < 0.05
+    # a ramp longer than the answers ends below alpha: the final weights still target p^alpha
+    assert 0.5 * (weighted_measure(256, 60, 2, alpha_ramp=50) - probs).abs().sum() < 0.05
 
 
 def test_reuse_and_recompute_same_chains_and_counts():
