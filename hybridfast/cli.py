@@ -20,6 +20,7 @@ COMMANDS = {
              "hybridfast.demo:main"),
     "eval": ("evaluate a method on GSM8K/MATH500 (resumable, optional Ray)", "hybridfast.eval:main"),
     "report": ("markdown report of a run directory", "hybridfast.eval:report_main"),
+    "regrade": ("grade a run directory's answers again with the current grader", "hybridfast.regrade:main"),
     "discover": ("taxonomy discovery (traces, SAE)", "hybridfast.pipeline_cli:discover_main"),
     "train-vectors": ("train the steering vectors", "hybridfast.pipeline_cli:train_vectors_main"),
     "power-sample": ("power-sample prompts from a JSONL file (resumable)", "hybridfast.power_cli:main"),

@@ -38,13 +38,18 @@ One writer per results file: a run holds an exclusive lock on OUT/results.jsonl.
 start time are written inside); a second run on the same --out is refused (exit 2).
 
 Errors in arguments or inputs print one line `hybridfast: error: ...` and exit 2 before any model
-is loaded (--debug adds the traceback). Ctrl-C prints what was saved and the command that
-resumes, and exits 130.
+is loaded (--debug adds the traceback); a flag the method does not use (e.g. --alpha with base)
+is such an error. Ctrl-C prints what was saved and the command that resumes, and exits 130.
+After the run every problem asked for must have a row of this run (else an error, no summary);
+when some answers of this run could not be graded (``grade_error``), the summary is written and
+the command exits 1. The summary has one entry per (dataset, split, method, run_id) and refuses
+an entry whose rows were graded by different graders (`hybridfast regrade OUT`).
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import inspect
 import json
 import os
@@ -61,16 +66,16 @@ from . import __version__
 from .artifact_settings import OVERRIDE_FLAG, SteeringArtifacts, load_steering
 from .datasets import DataSource, open_dataset, problems_of
 from .errors import ArgumentParser, UserError, reported
-from .grading import extract_answer, grade
+from .grading import GradingError, grade_fields, grader_name
 from .io import atomic_write_text, parse_jsonl
 from .loading import DTYPE_CHOICES, DTYPE_HELP, device, dtype_name, load_side, load_tokenizer
-from .metrics import summarize
+from .metrics import MixedGraders, summarize
 from .provenance import RunIdentity, artifact_identity, differences, model_identity, text_hash
 from .report import TRACE_FIELDS, mh_fields, token_fields
 
 __all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "method_params", "make_method",
            "Models", "routed_steered_tokens", "grade_rows", "run_eval", "summarize", "main", "report_main",
-           "METHODS"]
+           "METHODS", "FLAG_USERS", "refuse_unused_flags", "refuse_incomplete", "stream_seed", "run_results"]
 
 # the prompts each method builds: "base" (task template) and "power" (boxed-answer template) for the
 # base model, "thinking" (the thinking model's own chat template) for the thinking model
@@ -94,6 +99,48 @@ SCALABLE_FLAGS = {"--variant": "variant", "--n-candidates": "n_candidates", "--n
 
 def _uses_thinking(method: str) -> bool:
     return "thinking" in _PROMPTS[method]
+
+
+_MH_METHODS, _SMC_METHODS = ("power-mh", "power-hybrid"), ("power-smc", "power-hybrid-smc")
+#: the methods that use each method-specific flag; another method refuses the flag when it is given
+FLAG_USERS = {"--thinking": tuple(m for m in METHODS if _uses_thinking(m)),
+              "--base-template": tuple(m for m in METHODS if "base" in _PROMPTS[m]),
+              "--power-template": tuple(m for m in METHODS if "power" in _PROMPTS[m]),
+              **dict.fromkeys(("--sae", "--vectors", "--sae-layer", "--steer-layer", OVERRIDE_FLAG), STEERED_METHODS),
+              "--alpha": tuple(m for m in METHODS if m.startswith("power-")),
+              "--block-size": _MH_METHODS + SCALABLE_METHODS, "--n-mcmc": _MH_METHODS, "--n-particles": _SMC_METHODS,
+              **dict.fromkeys(SCALABLE_FLAGS, SCALABLE_METHODS)}
+#: the flags the scalable methods use only with --variant block
+BLOCK_VARIANT_FLAGS = ("--block-size", "--n-proposals")
+
+
+def refuse_unused_flags(method: str, given: dict, variant: str | None) -> None:
+    """A :class:`UserError` naming the first flag in ``given`` (flag -> value; None: not given)
+    that ``method`` does not use (``FLAG_USERS``; ``variant``: the scalable methods' variant)."""
+    for flag, value in given.items():
+        if value is None:
+            continue
+        if method not in FLAG_USERS[flag]:
+            raise UserError(f"{flag} is not used by --method {method} (only by {', '.join(FLAG_USERS[flag])}): "
+                            f"drop it")
+        if method in SCALABLE_METHODS and flag in BLOCK_VARIANT_FLAGS and variant != "block":
+            raise UserError(f"{flag} is used by --method {method} only with --variant block (this run: "
+                            f"--variant {variant}): drop it")
+
+
+def run_results(run_dir) -> tuple[Path, list[dict]]:
+    """``run_dir/results.jsonl`` and its complete rows; a missing, unreadable or empty file is a
+    :class:`UserError`."""
+    results = Path(run_dir) / "results.jsonl"
+    if not results.is_file():
+        raise UserError(f"{results}: no such file")
+    try:
+        rows = read_results(results)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not rows:
+        raise UserError(f"{results} has no result rows")
+    return results, rows
 
 
 class EvalInterrupted(KeyboardInterrupt):
@@ -246,15 +293,24 @@ def method_params(method: str, *, max_new_tokens: int, seed: int, sae_layer: int
     return p
 
 
+def stream_seed(seed: int, shard: int) -> int:
+    """The seed of shard ``shard``'s random stream: ``seed`` itself for shard 0 (one process),
+    else a hash of both, so the rows of different Ray shards never share their noise."""
+    if shard == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/shard {shard}".encode()).digest()[:7], "little")
+
+
 def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=None, base_template=None,
-                power_template=None):
+                power_template=None, shard: int = 0):
     """A generator function ``(problems, rows) -> iterator of [(problem, dict(output, tokens,
     steered_tokens, ...))]`` for method ``name``, run with ``params`` (from :func:`method_params`).
     Plain and hybrid methods decode ``rows`` problems at a time with continuous batching and yield
     each group of problems as it finishes, MH power methods keep ``rows`` chains live the same way
     (:meth:`PowerSampler.stream`), SMC methods ``rows`` particle groups, and the scalable methods yield
     batches of ``rows`` problems. Each model reads prompts made and encoded with its own
-    tokenizer; outputs are decoded with the tokenizer of the model that wrote them."""
+    tokenizer; outputs are decoded with the tokenizer of the model that wrote them. Each call draws
+    from one generator seeded with :func:`stream_seed` of ``params["seed"]`` and ``shard``."""
     from .engine import Engine
     from .prompts import BASE_TEMPLATE, POWER_TEMPLATE, thinking_prompt
     from .prompts import power_prompt as _power_prompt
@@ -264,7 +320,7 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     base_prompt = lambda q: _base_prompt(q, base_template or BASE_TEMPLATE)  # noqa: E731
     power_prompt = lambda q: _power_prompt(q, power_template or POWER_TEMPLATE)  # noqa: E731
     think_prompt = lambda q: thinking_prompt(ttok, q)  # noqa: E731
-    generator = lambda: torch.Generator().manual_seed(params["seed"])  # noqa: E731
+    generator = lambda: torch.Generator().manual_seed(stream_seed(params["seed"], shard))  # noqa: E731
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
     if _uses_thinking(name) and models.thinking is None:
@@ -320,10 +376,11 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
                                  thinking_prompts=thinking):
                 yield answered(problems, res, thinking)
             return
+        g = generator()                  # one stream across the batches: no two batches share their noise
         for i in range(0, len(problems), rows):
             part = thinking and thinking[i: i + rows]
             yield answered(problems[i: i + rows], ps.sample(prompts[i: i + rows], **params["sample"],
-                                                            generator=generator(), thinking_prompts=part), part)
+                                                            generator=g, thinking_prompts=part), part)
     return answers
 
 
@@ -369,10 +426,9 @@ def grade_rows(dataset, problems, outs, method, seconds, run: RunIdentity | None
     output carries; with ``run``, each row records ``run_id`` and ``run``."""
     rows = []
     for p, o in zip(problems, outs):
-        pred = extract_answer(dataset, o["output"] or "")
         rows.append(dict(problem=p["id"], method=method, dataset=dataset, question=p["question"], output=o["output"],
-                         extracted=pred, gold=p["gold"], correct=grade(dataset, pred, p["gold"]),
-                         tokens=o["tokens"], steered_tokens=o["steered_tokens"],
+                         **grade_fields(dataset, o["output"], p["gold"]), tokens=o["tokens"],
+                         steered_tokens=o["steered_tokens"],
                          seconds=seconds / max(1, len(problems)), **{k: o[k] for k in TRACE_FIELDS if k in o}))
         if run is not None:
             rows[-1].update(run_id=run.id, run=run.record())
@@ -395,11 +451,11 @@ class MethodSpec:
     power_template: str | None = None
 
 
-def _build_method(spec: MethodSpec, steering: SteeringArtifacts | None):
+def _build_method(spec: MethodSpec, steering: SteeringArtifacts | None, shard: int = 0):
     """Load the models and make the method (the artifacts were loaded and checked before)."""
     return make_method(spec.method, _models(spec), params=spec.params, sae=steering and steering.sae,
                        vectors=steering and steering.vectors, base_template=spec.base_template,
-                       power_template=spec.power_template)
+                       power_template=spec.power_template, shard=shard)
 
 
 def _graded(fn, problems: list[dict], rows: int, run: RunIdentity) -> Iterator[list[dict]]:
@@ -414,9 +470,10 @@ def _graded(fn, problems: list[dict], rows: int, run: RunIdentity) -> Iterator[l
 
 
 def _shard_worker(spec: MethodSpec, steering: SteeringArtifacts | None, run: RunIdentity, problems: list[dict],
-                  batch_size: int) -> list[dict]:
-    """One shard in a (Ray) worker: builds the method, returns the graded rows."""
-    return [row for rows in _graded(_build_method(spec, steering), problems, batch_size, run) for row in rows]
+                  batch_size: int, shard: int) -> list[dict]:
+    """Shard ``shard`` in a (Ray) worker: builds the method, returns the graded rows."""
+    return [row for rows in _graded(_build_method(spec, steering, shard), problems, batch_size, run)
+            for row in rows]
 
 
 def _evaluate(spec: MethodSpec, steering: SteeringArtifacts | None, run: RunIdentity, todo: list[dict],
@@ -427,7 +484,7 @@ def _evaluate(spec: MethodSpec, steering: SteeringArtifacts | None, run: RunIden
         if not ray.is_initialized():
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         task = ray.remote(max_retries=2)(_shard_worker)
-        refs = [task.remote(spec, steering, run, todo[i::workers], batch_size) for i in range(workers)
+        refs = [task.remote(spec, steering, run, todo[i::workers], batch_size, i) for i in range(workers)
                 if todo[i::workers]]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
@@ -451,13 +508,21 @@ def _template_ok(template: str) -> bool:
 
 
 def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_tokens, sae_layer, steer_layer,
-                   base_template, model, thinking, sae_dir, vectors_dir, dtype="auto", alpha=ALPHA,
-                   block_size=None, n_mcmc=N_MCMC, n_particles=N_PARTICLES, scalable=None,
-                   power_template=None) -> None:
-    """Every setting in range and every input a method needs present, else a :class:`UserError`
-    naming the flag."""
+                   base_template, model, thinking, sae_dir, vectors_dir, dtype="auto", alpha=None,
+                   block_size=None, n_mcmc=None, n_particles=None, scalable=None,
+                   power_template=None, override_artifact_settings=False) -> None:
+    """Every setting in range, every input a method needs present and no flag the method does not
+    use, else a :class:`UserError` naming the flag. A setting is given when it is not None
+    (``override_artifact_settings``: True)."""
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    refuse_unused_flags(method, {"--thinking": thinking, "--base-template": base_template,
+                                 "--power-template": power_template, "--sae": sae_dir, "--vectors": vectors_dir,
+                                 "--sae-layer": sae_layer, "--steer-layer": steer_layer,
+                                 OVERRIDE_FLAG: override_artifact_settings or None, "--alpha": alpha,
+                                 "--block-size": block_size, "--n-mcmc": n_mcmc, "--n-particles": n_particles,
+                                 **{flag: (scalable or {}).get(key) for flag, key in SCALABLE_FLAGS.items()}},
+                        (scalable or {}).get("variant") or _sampler_default("variant"))
     for flag, value, least in (("--limit", limit, 1), ("--offset", offset, 0), ("--batch-size", batch_size, 1),
                                ("--workers", workers, 1), ("--max-new-tokens", max_new_tokens, 1),
                                ("--sae-layer", sae_layer, 0), ("--steer-layer", steer_layer, 0),
@@ -479,6 +544,12 @@ def check_settings(method: str, *, limit, offset, batch_size, workers, max_new_t
         raise UserError(f"--method {method} needs --thinking (the thinking model's path or hub id)")
     if method in STEERED_METHODS and (sae_dir is None or vectors_dir is None):
         raise UserError(f"--method {method} needs --sae and --vectors")
+
+
+def _sampler_default(name: str):
+    """PowerSampler's default of setting ``name``."""
+    from .power import PowerSampler
+    return inspect.signature(PowerSampler.__init__).parameters[name].default
 
 
 def _check_scalable(given: dict, method: str) -> None:
@@ -596,19 +667,29 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
              power_template=None,
              limit=None, offset=0, out="runs/eval", model="tiny", thinking=None, seed=0, max_new_tokens=64,
              batch_size=4, sae_dir=None, vectors_dir=None, sae_layer=None, steer_layer=None,
-             override_artifact_settings=False, dtype="auto", alpha=ALPHA, block_size=None, n_mcmc=N_MCMC,
-             n_particles=N_PARTICLES, scalable=None, use_ray=False, workers=2, progress=True) -> dict:
+             override_artifact_settings=False, dtype="auto", alpha=None, block_size=None, n_mcmc=None,
+             n_particles=None, scalable=None, use_ray=False, workers=2, progress=True) -> dict:
     """Evaluate ``method`` on problems ``offset .. offset + limit``, appending to
     ``out/results.jsonl`` and continuing an identical earlier run (module doc: the resume rule).
-    ``sae_layer``/``steer_layer`` None: the artifacts' layers. Every user error is a
-    :class:`UserError` raised before any model loads; Ctrl-C during the run raises
-    :class:`EvalInterrupted`. Returns the summary of the whole results file."""
+    ``sae_layer``/``steer_layer`` None: the artifacts' layers; ``alpha``, ``n_mcmc``,
+    ``n_particles`` None: ``ALPHA``, ``N_MCMC``, ``N_PARTICLES`` (a setting given to a method that
+    does not use it is refused). Every user error is a :class:`UserError` raised before any model
+    loads; Ctrl-C during the run raises :class:`EvalInterrupted`; a problem left without a row
+    after the run is a ``RuntimeError``. Returns the summary of the whole results file, with
+    ``latest``: the label of this run's entry."""
     check_settings(method, limit=limit, offset=offset, batch_size=batch_size, workers=workers,
                    max_new_tokens=max_new_tokens, sae_layer=sae_layer, steer_layer=steer_layer,
                    base_template=base_template, model=model, thinking=thinking, sae_dir=sae_dir,
                    vectors_dir=vectors_dir, dtype=dtype, alpha=alpha, block_size=block_size, n_mcmc=n_mcmc,
-                   n_particles=n_particles, scalable=scalable, power_template=power_template)
+                   n_particles=n_particles, scalable=scalable, power_template=power_template,
+                   override_artifact_settings=override_artifact_settings)
+    alpha, n_mcmc = ALPHA if alpha is None else alpha, N_MCMC if n_mcmc is None else n_mcmc
+    n_particles = N_PARTICLES if n_particles is None else n_particles
     source, problems = _problems(dataset, split, path, hf, limit, offset)
+    try:
+        grader_name(source.name)               # a dataset whose grader is missing is refused before any model loads
+    except GradingError as e:
+        raise UserError(str(e)) from None
     thinking = ("tiny" if model == "tiny" else thinking) if _uses_thinking(method) else None
     steering = _steering(method, model, thinking, sae_dir, vectors_dir, sae_layer, steer_layer,
                          override_artifact_settings)
@@ -636,9 +717,37 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
             saved = len({p["id"] for p in problems} & log.done(run.id))
             raise EvalInterrupted(f"{saved} of {len(problems)} problems of run {run.id} are saved in "
                                   f"{results}") from e
-        summary = summarize(log.rows())
+        refuse_incomplete(problems, log, run)
+        summary = _summary(log.rows(), out)
+        summary["latest"] = _entry_label(summary, run)
         atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def refuse_incomplete(problems: list[dict], log: ResultsLog, run: RunIdentity) -> None:
+    """A ``RuntimeError`` naming how many and the first few of ``problems`` that have no row of
+    ``run`` in ``log`` (answers lost: never a summary with a smaller n)."""
+    done = log.done(run.id)
+    missing = [p["id"] for p in problems if p["id"] not in done]
+    if missing:
+        raise RuntimeError(f"run {run.id}: {len(missing)} of the {len(problems)} problems asked for have no row in "
+                           f"{log.path} after the evaluation (first: {', '.join(missing[:5])}); summary.json was not "
+                           f"updated: run the same command again to evaluate them")
+
+
+def _summary(rows: list[dict], run_dir) -> dict:
+    """The summary of ``rows``; an entry holding rows of different graders is a :class:`UserError`."""
+    try:
+        return summarize(rows, run_dir=run_dir)
+    except MixedGraders as e:
+        raise UserError(str(e)) from None
+
+
+def _entry_label(summary: dict, run: RunIdentity) -> str:
+    """The label of ``run``'s entry in ``summary["methods"]``."""
+    key = (run.data["name"], run.data["split"], run.config["method"], run.id)
+    return next(label for label, e in summary["methods"].items()
+                if (e["dataset"], e["split"], e["method"], e["run_id"]) == key)
 
 
 def _eval_parser() -> ArgumentParser:
@@ -675,14 +784,15 @@ def _eval_parser() -> ArgumentParser:
     ap.add_argument(OVERRIDE_FLAG, action="store_true",
                     help="use --sae-layer/--steer-layer and the given models even where they differ from what "
                          "the --sae/--vectors artifacts record (refused otherwise)")
-    ap.add_argument("--alpha", type=float, default=ALPHA,
-                    help="power methods: sample from p^alpha (>= 1; default: %(default)s)")
+    # method-specific flags default to None (not given): a method refuses one it does not use (FLAG_USERS)
+    ap.add_argument("--alpha", type=float, help=f"power methods: sample from p^alpha (>= 1; default: {ALPHA})")
     ap.add_argument("--block-size", type=int,
-                    help="power MH methods: tokens per block (>= 1; default: max(1, --max-new-tokens // 4))")
-    ap.add_argument("--n-mcmc", type=int, default=N_MCMC,
-                    help="power MH methods: Metropolis-Hastings steps per block (>= 0; default: %(default)s)")
-    ap.add_argument("--n-particles", type=int, default=N_PARTICLES,
-                    help="power-smc, power-hybrid-smc: particles per problem (>= 1; default: %(default)s)")
+                    help="power MH methods, power-(hybrid-)scalable --variant block: tokens per block (>= 1; "
+                         "default: max(1, --max-new-tokens // 4))")
+    ap.add_argument("--n-mcmc", type=int,
+                    help=f"power MH methods: Metropolis-Hastings steps per block (>= 0; default: {N_MCMC})")
+    ap.add_argument("--n-particles", type=int,
+                    help=f"power-smc, power-hybrid-smc: particles per problem (>= 1; default: {N_PARTICLES})")
     ap.add_argument("--variant", choices=["token", "block"],
                     help="power-(hybrid-)scalable: one token per decision, or blocks of --block-size (default: token)")
     ap.add_argument("--n-candidates", type=int,
@@ -714,8 +824,14 @@ def main(argv=None):
                      block_size=a.block_size, n_mcmc=a.n_mcmc, n_particles=a.n_particles, use_ray=a.ray,
                      workers=a.workers, scalable={key: getattr(a, key) for key in SCALABLE_FLAGS.values()
                                                   if getattr(a, key) is not None})
-    mine = [e for e in s["methods"].values() if e["method"] == a.method and e["dataset"] == a.data]
-    print(json.dumps(mine[0]))
+    mine = s["methods"][s["latest"]]
+    print(json.dumps(mine))
+    if mine["grade_errors"]:
+        print(f"hybridfast: error: {mine['grade_errors']} of the {mine['n']} answers of run {mine['run_id']} could not "
+              f"be graded (each such row's grade_error says why; they count as wrong in "
+              f"{Path(a.out) / 'summary.json'}); once the grader works, run `hybridfast regrade {a.out}`",
+              file=sys.stderr)
+        raise SystemExit(1)
 
 
 def report_main(argv=None):
@@ -726,21 +842,13 @@ def report_main(argv=None):
                                     "answer with per-token categories, gold, grade) of a run folder, plus "
                                     "category_usage.svg and acceptance.svg when its rows carry per-token categories "
                                     "(hybrid-paper, hybrid-routed) or MH acceptances (power-mh, power-hybrid): one row "
-                                    "per (dataset, method, run_id), each problem counted once")
+                                    "per (dataset, split, method, run_id), each problem counted once")
     ap.add_argument("run_dir", help="a folder written by `hybridfast eval --out` (holding results.jsonl)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
-    results = Path(a.run_dir) / "results.jsonl"
     with reported(a.debug):
-        if not results.is_file():
-            raise UserError(f"{results}: no such file")
-        try:
-            rows = read_results(results)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if not rows:
-            raise UserError(f"{results} has no result rows")
-    s = summarize(rows)
+        _, rows = run_results(a.run_dir)
+        s = _summary(rows, a.run_dir)
     links = write_views(a.run_dir, s, rows)
     (Path(a.run_dir) / "report.md").write_text(report_markdown(s) + "\n" + links)
     print(Path(a.run_dir) / "report.md")

@@ -11,9 +11,10 @@ batch to OUTPUT.summary.json, with their sums over all batches and the run's con
 Resume rule: re-running skips the (id, chain) pairs already saved under the same run_id. OUTPUT
 continues only the same configuration (model, dtype, device, every sampler setting, --chains,
 --seed, prompt template, version); rows of another configuration are refused (exit 2) naming the
-settings that differ. One writer per OUTPUT (an exclusive lock on OUTPUT.lock). Each batch is
-seeded from its first id, so a resumed run's samples are valid draws but not bit-identical to an
-unbroken run's.
+settings that differ; so is an input whose prompt under a saved id differs from the saved one (a
+row without ``id`` is identified by its line index). One writer per OUTPUT (an exclusive lock on
+OUTPUT.lock). Each batch is seeded from its first id, so a resumed run's samples are valid draws
+but not bit-identical to an unbroken run's.
 """
 from __future__ import annotations
 
@@ -171,6 +172,36 @@ def _add_batch(summary: dict, ids: list[str], totals: dict) -> dict:
     return dict(summary, batches=batches, totals=sums)
 
 
+def _prompt(row: dict) -> str:
+    """The prompt an input row is sampled with: its ``prompt``, else its ``question`` templated."""
+    from .prompts import power_prompt
+    return row.get("prompt") or power_prompt(row["question"])
+
+
+def _excerpts(a: str, b: str, width: int = 60) -> tuple[str, str]:
+    """``a`` and ``b`` as one-line reprs of at most ``width`` characters each, from just before
+    their first difference (``...`` marks a cut)."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(0, i - 10)
+
+    def cut(s: str) -> str:
+        return ("..." if start else "") + repr(s[start: start + width]) + ("..." if len(s) > start + width else "")
+    return cut(a), cut(b)
+
+
+def _refuse_other_prompts(saved: list[dict], rows: list[dict], output, input_path) -> None:
+    """A :class:`UserError` when a sample saved in ``output`` has another prompt than the input
+    row with its id (a row without ``id`` is identified by its line index, so another input file
+    would pair saved samples with the wrong prompts)."""
+    prompts = {r["id"]: _prompt(r) for r in rows}
+    for s in saved:
+        if s["id"] in prompts and s.get("prompt") != prompts[s["id"]]:
+            old, new = _excerpts(str(s.get("prompt")), prompts[s["id"]])
+            raise UserError(f"{output} holds samples of id {s['id']!r} for the prompt {old}, but {input_path} has "
+                            f"the prompt {new} under that id (a row without 'id' is identified by its line index): "
+                            f"pass a new output file, or give the rows ids")
+
+
 def _row_stats(stats: dict, batch_totals: dict) -> dict:
     """The scalar statistics of one sample that are its own (not its batch's totals)."""
     return {k: v for k, v in stats.items() if k not in batch_totals and isinstance(v, (int, float))}
@@ -182,12 +213,12 @@ def _sample(a, rows: list[dict], run: RunIdentity) -> int:
     from .eval import ResultsLog
     from .io import atomic_write_text
     from .power import PowerSampler
-    from .prompts import power_prompt
     log = ResultsLog(a.output)
-    saved = _read_summary(a.output)
-    _refuse_other_run(log.rows(), run, a.output, saved)
+    saved, saved_rows = _read_summary(a.output), log.rows()
+    _refuse_other_run(saved_rows, run, a.output, saved)
+    _refuse_other_prompts(saved_rows, rows, a.output, a.input)
     summary = saved if saved.get("run_id") == run.id else dict(run_id=run.id, run=run.config, batches=[])
-    done = {(r["id"], r["chain"]) for r in log.rows()}
+    done = {(r["id"], r["chain"]) for r in saved_rows}
     todo = [r for r in rows if any((r["id"], c) not in done for c in range(a.chains))]
     if not todo:
         return 0
@@ -199,7 +230,7 @@ def _sample(a, rows: list[dict], run: RunIdentity) -> int:
     from tqdm.auto import tqdm
     for i in tqdm(range(0, len(todo), a.batch), desc="power-sample"):
         chunk = todo[i: i + a.batch]
-        prompts = [r.get("prompt") or power_prompt(r["question"]) for r in chunk]
+        prompts = [_prompt(r) for r in chunk]
         g = torch.Generator(device=ps.m.device).manual_seed(a.seed * 1_000_003 + zlib.crc32(chunk[0]["id"].encode()))
         res = ps.sample(prompts, n_chains=a.chains, generator=g)
         new = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .metrics import dedupe
+from .metrics import dedupe, group_key
 from .plots import PALETTE, bar_svg, category_color, lines_svg, stack_svg
 
 __all__ = ["TRACE_FIELDS", "token_pieces", "token_fields", "mh_fields", "grade_label", "sections", "trace_viewer_html",
@@ -64,18 +64,20 @@ def mh_fields(result) -> dict:
 
 
 def grade_label(row) -> str:
-    """``unparseable`` (no answer extracted), ``correct`` or ``incorrect``."""
+    """``ungraded`` (the grader failed: ``grade_error``), ``unparseable`` (no answer extracted),
+    ``correct`` or ``incorrect``."""
+    if row.get("grade_error"):
+        return "ungraded"
     if row["extracted"] is None:
         return "unparseable"
     return "correct" if row["correct"] else "incorrect"
 
 
 def sections(rows, summary) -> dict:
-    """The rows of each entry of ``summary["methods"]`` (same dataset, method and run), each problem
-    once, keyed by the entry's label."""
+    """The rows of each entry of ``summary["methods"]`` (same dataset, split, method and run), each
+    problem once, keyed by the entry's label."""
     kept, _ = dedupe(rows)
-    key = lambda r: (r.get("dataset"), r["method"], r.get("run_id"))  # noqa: E731
-    return {label: [r for r in kept if key(r) == (e["dataset"], e["method"], e["run_id"])]
+    return {label: [r for r in kept if group_key(r) == (e["dataset"], e["split"], e["method"], e["run_id"])]
             for label, e in summary["methods"].items()}
 
 
@@ -83,7 +85,7 @@ _CSS = ("body{font-family:sans-serif;margin:2em}.tok{white-space:pre-wrap}"
         ".s{border-radius:3px;padding:0 1px;color:#fff}.legend span{margin-right:1em;padding:2px 6px;"
         "border-radius:3px;color:#fff}.trace{border:1px solid #ccc;padding:.6em;margin:.6em 0}"
         ".answer{font-family:monospace;margin:.4em 0}.correct{color:#080}.incorrect{color:#c00}"
-        ".unparseable{color:#a60}")
+        ".unparseable{color:#a60}.ungraded{color:#a0a}")
 
 
 def _token_span(piece: str, category: int, steered: bool, names) -> str:
@@ -106,13 +108,14 @@ def _answer_html(row) -> str:
 
 def _problem_html(row) -> str:
     grade = grade_label(row)
+    why = f" title='{html.escape(row['grade_error'])}'" if row.get("grade_error") else ""
     extracted = "(none)" if row["extracted"] is None else row["extracted"]
     question = row.get("question", "(not recorded in this row)")
     return (f"<div class='trace' data-problem='{html.escape(str(row['problem']))}'>"
             f"<div><b>question</b> {html.escape(question)}</div>"
             f"<div class='answer tok'>{_answer_html(row)}</div>"
             f"<div><b>gold</b> {html.escape(str(row['gold']))} &middot; <b>extracted</b> "
-            f"{html.escape(str(extracted))} &middot; <b class='{grade}'>{grade}</b></div></div>")
+            f"{html.escape(str(extracted))} &middot; <b class='{grade}'{why}>{grade}</b></div></div>")
 
 
 def _legend_html(names) -> str:

@@ -101,3 +101,37 @@ def test_power_template_is_used_and_recorded(tmp_path):
     assert a["run_id"] != b["run_id"]
     with pytest.raises(UserError, match="--power-template must contain"):
         run_eval("power-mh", out=tmp_path / "c", power_template="no field", **kw)
+
+
+def test_batches_and_shards_draw_from_different_streams(monkeypatch):
+    """Scalable batches share one generator (a fresh one per batch would repeat its noise), and
+    shard i > 0 of a Ray run seeds its stream differently from shard 0."""
+    import torch
+    from hybridfast.engine import Engine
+    from hybridfast.eval import Models, make_method, method_params, stream_seed
+    from hybridfast.power import PowerSampler
+    from hybridfast.tiny import tiny_pair, tiny_tokenizer
+    tok = tiny_tokenizer()
+    models = Models(tiny_pair(tok, seed=0)[0], tok)
+    problems = [dict(id=str(i), question=f"What is {i} + 1?", gold=str(i + 1)) for i in range(3)]
+    seen = []
+
+    def spy(orig):
+        def wrapped(self, *a, generator=None, **k):
+            seen.append(generator.get_state().clone())
+            return orig(self, *a, generator=generator, **k)
+        return wrapped
+    monkeypatch.setattr(PowerSampler, "sample", spy(PowerSampler.sample))
+    monkeypatch.setattr(Engine, "stream", spy(Engine.stream))
+    params = method_params("power-scalable", max_new_tokens=2, seed=0,
+                           scalable=dict(n_candidates=2, n_rollouts=2, horizon=1))
+    for _ in make_method("power-scalable", models, params=params)(problems, 1):
+        pass
+    assert len(seen) == 3 and not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    seen.clear()
+    params = method_params("low-temp", max_new_tokens=2, seed=7)
+    for shard in (0, 1, 0):
+        for _ in make_method("low-temp", models, params=params, shard=shard)(problems[:1], 1):
+            pass
+    assert torch.equal(seen[0], seen[2]) and not torch.equal(seen[0], seen[1])
+    assert stream_seed(7, 0) == 7 and len({stream_seed(7, i) for i in range(8)}) == 8

@@ -1,6 +1,9 @@
 """Evaluation runs that cannot silently give wrong numbers: a changed configuration, a second
 writer or a bad argument is refused (one line, exit status 2) before any model loads; problem
-ids come from content; reports count each problem once and never pool runs."""
+ids come from content; reports count each problem once and never pool runs, splits or graders;
+gap recovery compares the problems its three runs share; a flag the method does not use is
+refused; a lost answer or an ungradable one never ends in exit status 0; power-sample never pairs
+saved samples with another input's prompts."""
 import hashlib
 import json
 import re
@@ -12,8 +15,11 @@ import time
 import pytest
 
 import hybridfast.datasets as datasets
+from hybridfast.artifact_settings import OVERRIDE_FLAG
 from hybridfast.datasets import load_problems
-from hybridfast.eval import ResultsLog, main, report_main, run_eval
+from hybridfast.eval import FLAG_USERS, METHODS, ResultsLog, main, refuse_unused_flags, report_main, run_eval
+from hybridfast.metrics import report_markdown, summarize
+from hybridfast.report import sections
 
 from .helpers import error_line, forbid_model_loading, refused
 
@@ -151,8 +157,8 @@ def test_report_counts_each_problem_once_and_never_pools_runs(tmp_path):
     report = (out / "report.md").read_text()
     table = [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines()
              if line.startswith("| gsm8k |")]
-    assert sorted((c[1], c[2], c[3]) for c in table) == sorted([("base", rows[0]["run_id"], "3"),
-                                                                ("base", "0123456789ab", "2")])
+    assert sorted((c[1], c[2], c[3], c[4]) for c in table) == sorted([("test", "base", rows[0]["run_id"], "3"),
+                                                                      ("test", "base", "0123456789ab", "2")])
     assert "3 duplicate rows" in report
 
 
@@ -171,3 +177,157 @@ def test_problem_ids_come_from_content_and_the_bundled_fallback_is_announced(tmp
     assert len(load_problems("gsm8k", "test")) == 40
     assert ("using the bundled 40-problem sample hybridfast/data/gsm8k_test_sample.jsonl"
             in capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------ summaries that never pool
+
+def _row(problem, method, correct, **fields):
+    return dict(dict(problem=str(problem), method=method, dataset="gsm8k", correct=correct, extracted="1", tokens=5,
+                     steered_tokens=0), **fields)
+
+
+def test_gap_recovery_uses_only_the_problems_all_three_share():
+    # base and thinking on 10 problems, the hybrid on the first 5 (another --limit into the same --out)
+    rows = ([_row(i, "base", i < 2) for i in range(10)] + [_row(i, "thinking", i < 8) for i in range(10)]
+            + [_row(i, "hybrid-paper", i < 4) for i in range(5)])
+    s = summarize(rows)
+    # on problems 0-4: base 2/5, thinking 5/5, hybrid 4/5 -> (0.8 - 0.4) / 0.6 (pooled: (0.8 - 0.2) / 0.6 = 1)
+    assert s["gap_recovery"]["hybrid-paper"] == pytest.approx(2 / 3)
+    assert s["gap_recovery_n"]["hybrid-paper"] == 5
+    assert "hybrid-paper: 66.7% (on the 5 problems it shares with base and thinking)" in report_markdown(s)
+    s = summarize(rows[:20] + [_row(f"x{i}", "hybrid-paper", True) for i in range(3)])
+    assert s["gap_recovery"]["hybrid-paper"] is None and s["gap_recovery_n"]["hybrid-paper"] == 0
+    assert s["gap_recovery_na"]["hybrid-paper"] == "base, thinking and the hybrid share no problem"
+    assert "hybrid-paper: n/a (base, thinking and the hybrid share no problem)" in report_markdown(s)
+
+
+def test_runs_on_two_splits_are_two_entries():
+    run = lambda split: dict(run_id="abc", run=dict(method="base", data=dict(name="gsm8k", split=split)))  # noqa: E731
+    rows = ([_row(i, "base", i < 3, **run("train")) for i in range(4)]
+            + [_row(i, "base", i < 1, **run("test")) for i in range(4)]
+            + [_row(9, "base", True)])                 # a row of an older eval: no run recorded
+    s = summarize(rows)
+    assert s["duplicates"] == 0
+    assert {label: (e["split"], e["n"], e["accuracy"]) for label, e in s["methods"].items()} == {
+        "base [gsm8k train abc]": ("train", 4, 0.75), "base [gsm8k test abc]": ("test", 4, 0.25),
+        "base [gsm8k - -]": (None, 1, 1.0)}
+    views = sections(rows, s)
+    assert {r["run"]["data"]["split"] for r in views["base [gsm8k train abc]"]} == {"train"}
+    assert [len(v) for v in views.values()] == [e["n"] for e in s["methods"].values()]
+    assert "| gsm8k | train | base | abc | 4 | 0.750 |" in report_markdown(s)
+
+
+def test_grade_errors_are_counted_and_graders_never_pooled():
+    def graded(error=None, grader="gsm8k-numeric/2"):
+        return dict(run_id="abc", grader=grader, grade_error=error)
+    rows = [_row(0, "base", True, **graded()), _row(1, "base", False, **graded("math-verify timed out")),
+            _row(2, "thinking", True)]                 # a row of an older eval: no grading fields
+    s = summarize(rows)
+    assert s["methods"]["base"]["grade_errors"] == 1 and s["methods"]["thinking"]["grade_errors"] == 0
+    assert "could not be graded (counted as wrong; see each row's grade_error): base: 1" in report_markdown(s)
+    with pytest.raises(ValueError, match=r"run abc \(base, gsm8k\) holds rows graded by different graders "
+                                         r"\(gsm8k-numeric/1, gsm8k-numeric/2\).*`hybridfast regrade runs/x`"):
+        summarize(rows + [_row(3, "base", True, **graded(grader="gsm8k-numeric/1"))], run_dir="runs/x")
+    with pytest.raises(ValueError, match=r"different graders \(None, gsm8k-numeric/2\)"):
+        summarize(rows + [_row(3, "base", True, run_id="abc")])
+
+
+def test_eval_exits_1_when_answers_of_its_run_could_not_be_graded(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["--method", "base", "--limit", "2", "--batch-size", "2", "--max-new-tokens", "2", "--out", str(out)]
+    main(args)                                        # every answer graded: no exit status 1
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["grade_errors"] == 0
+    results = out / "results.jsonl"
+    rows = ResultsLog(results).rows()
+    rows[1].update(correct=False, grade_error="math-verify timed out after 5 s")
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    forbid_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 1
+    cap = capsys.readouterr()
+    assert json.loads(cap.out.splitlines()[-1])["grade_errors"] == 1
+    assert f"1 of the 2 answers of run {rows[0]['run_id']} could not be graded" in cap.err
+    assert f"hybridfast regrade {out}`" in cap.err
+    assert json.loads((out / "summary.json").read_text())["methods"]["base"]["grade_errors"] == 1
+    rows[0]["grader"] = "an-older-grader/1"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = refused(args, capsys)
+    assert "holds rows graded by different graders (" in line and f"hybridfast regrade {out}`" in line
+
+
+def test_a_problem_left_without_a_row_is_an_error_not_a_smaller_n(tmp_path, monkeypatch):
+    f = _gsm8k_file(tmp_path / "q.jsonl", ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"])
+    ids = [p["id"] for p in load_problems("gsm8k", path=str(f))]
+    out = tmp_path / "run"
+    kw = dict(path=str(f), out=out, batch_size=3, max_new_tokens=2, progress=False)
+    append = ResultsLog.append                        # a writer that loses one answer
+    monkeypatch.setattr(ResultsLog, "append",
+                        lambda self, rows: append(self, [r for r in rows if r["problem"] != ids[1]]))
+    with pytest.raises(RuntimeError, match=rf"run \w+: 1 of the 3 problems asked for have no row in .*"
+                                           rf"\(first: {ids[1]}\); summary.json was not updated"):
+        run_eval("base", **kw)
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert run_eval("base", **kw)["methods"]["base"]["n"] == 3      # the same command completes it
+
+
+# ------------------------------------------------------------------------------ flags a method does not use
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "power-mh", "--variant", "block"],
+     "--variant is not used by --method power-mh (only by power-scalable, power-hybrid-scalable): drop it"),
+    (["--method", "power-mh", "--n-particles", "8"], "--n-particles is not used by --method power-mh"),
+    (["--method", "power-smc", "--n-mcmc", "2"], "--n-mcmc is not used by --method power-smc"),
+    (["--method", "base", "--alpha", "4"], "--alpha is not used by --method base"),      # the default value, given
+    (["--method", "low-temp", "--alpha", "2"], "--alpha is not used by --method low-temp"),
+    (["--method", "base", "--thinking", "org/thinker"], "--thinking is not used by --method base"),
+    (["--method", "power-mh", "--sae", "s", "--vectors", "v"], "--sae is not used by --method power-mh"),
+    (["--method", "thinking", "--override-artifact-settings"],
+     "--override-artifact-settings is not used by --method thinking"),
+    (["--method", "base", "--power-template", "Q: {q}"], "--power-template is not used by --method base"),
+    (["--method", "power-mh", "--base-template", "Q: {q}"], "--base-template is not used by --method power-mh"),
+    (["--method", "power-scalable", "--block-size", "2"],
+     "--block-size is used by --method power-scalable only with --variant block (this run: --variant token)"),
+    (["--method", "power-scalable", "--n-proposals", "4"], "--n-proposals is used by --method power-scalable only"),
+])
+def test_a_flag_the_method_does_not_use_is_refused(tmp_path, capsys, no_model, args, message):
+    line = refused([*args, "--out", str(tmp_path / "run")], capsys)
+    assert line.startswith("hybridfast: error: " + message), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_flags_a_method_uses_pass():
+    refuse_unused_flags("power-mh", {"--alpha": 5.0, "--n-mcmc": 3, "--block-size": 2, "--n-particles": None}, None)
+    refuse_unused_flags("power-hybrid-smc", {"--alpha": 2.0, "--n-particles": 3, "--sae": "s", "--thinking": "t"}, None)
+    refuse_unused_flags("power-scalable", {"--block-size": 2, "--n-proposals": 8, "--no-jackknife": False}, "block")
+    refuse_unused_flags("base", {"--base-template": "Q: {q}", OVERRIDE_FLAG: None}, None)
+    assert set(FLAG_USERS["--thinking"]) == {m for m in METHODS if m == "thinking" or "hybrid" in m}
+
+
+# ------------------------------------------------------------------------------ power-sample resume
+
+def test_power_sample_refuses_another_input_under_saved_ids(tmp_path, capsys):
+    from hybridfast.power_cli import main as power_main
+    first, other, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out.jsonl"
+    first.write_text('{"question": "What is 2+2?"}\n{"prompt": "Hello"}\n')
+    other.write_text('{"question": "What is 3+3?"}\n{"prompt": "Hello"}\n')      # ids 0 and 1 again
+    args = ["--max-new-tokens", "2", "--block-size", "1", "--n-mcmc", "0", "--batch", "2"]
+    power_main([str(first), str(out), *args])
+    capsys.readouterr()
+    before = out.read_text()
+    line = refused([str(other), str(out), *args], capsys, power_main)
+    assert f"{out} holds samples of id '0' for the prompt " in line and f"but {other} has the prompt " in line
+    assert "What is 2+2?" in line and "What is 3+3?" in line
+    assert out.read_text() == before
+    power_main([str(first), str(out), *args])                        # the same input continues
+    assert capsys.readouterr().out.startswith("0 prompts sampled, 2 already done")
+
+
+def test_math_without_math_verify_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps(dict(problem="1+1?", answer="2", unique_id="test/algebra/1.json")) + "\n")
+    forbid_model_loading(monkeypatch)
+    monkeypatch.setitem(sys.modules, "math_verify", None)       # import fails
+    line = refused(["--method", "base", "--data", "math500", "--path", str(m), "--out", str(tmp_path / "o")], capsys)
+    assert "grading math500 needs math-verify" in line

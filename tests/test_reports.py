@@ -14,7 +14,7 @@ from hybridfast.eval import ResultsLog, report_main, run_eval
 from hybridfast.io import save_sae, save_vectors
 from hybridfast.metrics import report_markdown, summarize
 from hybridfast.plots import PALETTE, category_color
-from hybridfast.report import mh_fields, token_pieces, trace_viewer_html, write_views
+from hybridfast.report import grade_label, mh_fields, token_pieces, trace_viewer_html, write_views
 from hybridfast.tiny import tiny_pair, tiny_tokenizer
 
 TEXT = ("Café naïve résumé, Zoë à Málaga — 日本語のテキスト, 中文字符, 한국어 🎉 👨‍👩‍👧 ok 😀 🇫🇷! "
@@ -90,8 +90,11 @@ def test_viewer_and_charts_colour_a_category_alike(tmp_path):
 def test_viewer_shows_each_grade():
     rows = [_hybrid_row(["4", "2"], [0, 1], [True, False], problem="a", extracted="42", gold="42", correct=True),
             _hybrid_row(["4", "1"], [0, 1], [True, True], problem="b", extracted="41", gold="42", correct=False),
-            _hybrid_row(["?"], [2], [False], problem="c", extracted=None, gold="42", correct=False)]
+            _hybrid_row(["?"], [2], [False], problem="c", extracted=None, gold="42", correct=False),
+            _hybrid_row(["3"], [2], [False], problem="d", extracted="3", gold="x", correct=False,
+                        grade_error="math-verify timed out")]
     page = trace_viewer_html({"hybrid-paper": rows})
+    assert "<b>extracted</b> 3 &middot; <b class='ungraded' title='math-verify timed out'>ungraded</b>" in page
     assert "<b>extracted</b> 42 &middot; <b class='correct'>correct</b>" in page
     assert "<b>extracted</b> 41 &middot; <b class='incorrect'>incorrect</b>" in page
     assert "<b>extracted</b> (none) &middot; <b class='unparseable'>unparseable</b>" in page
@@ -122,8 +125,7 @@ def test_report_of_an_eval_run_shows_question_answer_gold_grade_and_token_catego
     for method in ("hybrid-routed", "power-mh", "base"):
         assert f"<h2>{method}</h2>" in page
     for r in rows:
-        grade = "unparseable" if r["extracted"] is None else "correct" if r["correct"] else "incorrect"
-        assert f"<b class='{grade}'>{grade}</b>" in page
+        assert f"<b class='{grade_label(r)}'>{grade_label(r)}</b>" in page
     hybrid = [r for r in rows if r["method"] == "hybrid-routed"]
     assert len(hybrid) == 2
     for r in hybrid:            # ids, their text and categories are stored; every token was steered
