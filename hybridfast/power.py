@@ -678,7 +678,7 @@ class PowerSampler:
             if ended and (queue or len(ended) == len(live)):
                 yield self._smc_leave(run, ended, prompt_index, rng)
         self.last_stats = dict(token_forwards=int(run.counts.fw), decoded_tokens=int(run.counts.decoded),
-                               seconds=time.perf_counter() - t0, resampling_events=run.resampled, particles=G * Np,
+                               seconds=time.perf_counter() - t0, resampling_events=int(run.resampled), particles=G * Np,
                                rows=run.R * Np, row_steps=run.counts.steps * run.R * Np,
                                idle_row_steps=int(run.counts.idle), host_syncs=run.counts.syncs)
 
@@ -773,7 +773,7 @@ class PowerSampler:
         """Multinomial resampling of the groups whose effective sample size fell below the
         threshold, except where ``last [G]`` (particles and their KV rows in ``caches`` copied
         by index). Returns the new particles, ``cum_lp``, ``logw`` and how many groups were
-        resampled."""
+        resampled (a device tensor: reading it would be a second host sync)."""
         Np = self.n_particles
         w = logw.view(-1, Np)
         G, dev = w.shape[0], w.device
@@ -787,7 +787,7 @@ class PowerSampler:
         for cache in caches:
             cache.copy_rows_(torch.arange(G * Np, device=dev), src)
         logw = torch.where(need[:, None], torch.logsumexp(w, 1, keepdim=True) - math.log(Np), w).reshape(-1)
-        return ch.select(src), cum_lp.index_select(0, src), logw, int(need.sum())
+        return ch.select(src), cum_lp.index_select(0, src), logw, need.sum()
 
     def _smc_results(self, ch: Chains, w, prompt_index, rng) -> list:
         """One particle per group drawn from the final weights ``w [G, Np]``, with the weights."""
@@ -868,7 +868,7 @@ class _SMCRows:
     first: Optional[torch.Tensor] = None   #: first-token logits of rows prefilled since the last step
     fresh: Optional[torch.Tensor] = None   #: those rows (None with first: every row)
     a_prev: Optional[float] = None
-    resampled: int = 0
+    resampled: object = 0   #: groups resampled so far (int, or a device tensor once any was)
 
     def __post_init__(self):
         self.group = [-1] * self.R

@@ -327,3 +327,21 @@ def test_smc_with_refills_targets_p_alpha(enum):
 def test_smc_rows_refused_with_a_ramp(enum):
     with pytest.raises(NotImplementedError, match="alpha_ramp"):
         PowerSampler(enum, **ENUM, method="smc", n_particles=2, alpha_ramp=3).sample(ENUM_PROMPTS * 2, rows=1)
+
+
+def test_smc_step_reads_the_device_once(tiny, monkeypatch):
+    """One SMC token step costs one host sync (whether any group resamples): counted as the
+    dispatched scalar reads of a run one token longer; resampling adds none per step (the reference
+    sampler: the C++ one reads its seed, a CPU scalar, on the host)."""
+    from hybridfast.opcount import count_ops
+    monkeypatch.setenv("HYBRIDFAST_IMPL", "torch")
+
+    def run(T, ess_threshold):
+        ps = PowerSampler(tiny, alpha=4, max_new_tokens=T, eos_token_id=-1, method="smc", n_particles=3,
+                          ess_threshold=ess_threshold)
+        return count_ops(lambda: ps.sample([[5, 6, 7]], generator=_gen(1))), ps.last_stats
+    (c8, s8), (c9, s9) = run(8, 1e-9), run(9, 1e-9)
+    assert (c9 - c8).syncs == 1 and s9["host_syncs"] - s8["host_syncs"] == 1
+    (r9, t9) = run(9, 1.0)
+    assert s9["resampling_events"] == 0 and t9["resampling_events"] >= 2
+    assert r9.syncs == c9.syncs + 1 and t9["host_syncs"] == s9["host_syncs"]   # + the count, read at the end

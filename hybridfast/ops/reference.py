@@ -8,6 +8,7 @@ result is cast back to the dtype of ``h`` (``route_steer``) or returned in float
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -15,8 +16,14 @@ from .rng import gumbel_noise
 
 
 def inv_temperature(temperature: float) -> float:
-    """float32(1 / temperature): every implementation scales logits by this same number."""
-    return float(torch.tensor(1.0 / temperature, dtype=torch.float32))
+    """float32(1 / temperature), rounded to nearest (inf past float32's range): every
+    implementation scales logits by this same number. Computed on the host without a tensor, so
+    a sampling step reads nothing back."""
+    x = 1.0 / temperature
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 __all__ = ["route_steer_ref", "sample_logprobs_ref"]
 
