@@ -28,7 +28,8 @@ harness's ``batch_size`` and ``device`` are not used: the models run where hybri
 scheduler (all of a call's requests queued at once), the power methods one request at a time. A
 request's ``until`` strings end it (and free its row) as soon as they appear, and its
 ``max_gen_toks`` bounds it. Its ``do_sample``/``temperature`` and ``top_k`` apply to plain and
-hybrid-routed; hybrid-paper (greedy) and the power methods (proposals at temperature 1/alpha)
+hybrid-routed (``do_sample=True`` with no temperature above 0, the request's or the model's, is
+refused rather than decoded greedily); hybrid-paper (greedy) and the power methods (proposals at temperature 1/alpha)
 sample as their method defines. ``loglikelihood`` and ``loglikelihood_rolling`` score with the
 base model (``method=plain`` only: the other methods define no likelihood of a given text).
 """
@@ -120,18 +121,29 @@ class HybridfastLM(TemplateLM):
             raise ValueError(f"top_p={gen_kwargs['top_p']} is not supported (nucleus sampling is not implemented)")
         fields = dict(self.fields)
         if self.settings.method in ("plain", "hybrid-routed"):
-            if gen_kwargs.get("do_sample") is False:
-                fields["temperature"] = 0.0
-            elif gen_kwargs.get("temperature") is not None:
-                fields["temperature"] = gen_kwargs["temperature"]
-            if gen_kwargs.get("top_k") is not None:
-                fields["top_k"] = gen_kwargs["top_k"]
+            fields.update(self._sampling_fields(gen_kwargs))
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         max_gen = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
         if not 1 <= max_gen < self.max_length:
             raise ValueError(f"max_gen_toks must be in [1, max_length={self.max_length}), got {max_gen}")
         return self._settings(fields), until, max_gen
+
+    def _sampling_fields(self, gen_kwargs: dict) -> dict:
+        """A plain or hybrid-routed request's ``temperature``/``top_k``: ``do_sample=False`` is
+        greedy; ``do_sample=True`` needs a positive temperature (the request's or the model's)."""
+        fields, do_sample = {}, gen_kwargs.get("do_sample")
+        if do_sample is False:
+            fields["temperature"] = 0.0
+        elif gen_kwargs.get("temperature") is not None:
+            fields["temperature"] = gen_kwargs["temperature"]
+        temperature = fields.get("temperature", self.settings.temperature)
+        if do_sample is True and not float(temperature) > 0:
+            raise ValueError(f"do_sample=True needs a temperature > 0, got temperature={temperature} (give one in the "
+                             "request's generation kwargs or in model_args, or use do_sample=False for greedy)")
+        if gen_kwargs.get("top_k") is not None:
+            fields["top_k"] = gen_kwargs["top_k"]
+        return fields
 
     def _settings(self, fields: dict):
         """Greedy unless a temperature is given (the harness's convention)."""
@@ -180,6 +192,8 @@ class HybridfastLM(TemplateLM):
         if self.settings.method != "plain":
             raise NotImplementedError(f"loglikelihood is defined for method=plain only (got method="
                                       f"{self.settings.method}: it defines no likelihood of a given text)")
+        for i, (_, ctx, cont) in enumerate(requests):
+            self._check_scorable(i, ctx, cont)
         rows = [((ctx + cont)[-(self.max_length + 1):][:-1], cont) for _, ctx, cont in requests]
         order = sorted(range(len(rows)), key=lambda j: -len(rows[j][0]))
         out = [None] * len(rows)
@@ -195,6 +209,16 @@ class HybridfastLM(TemplateLM):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
         return out
+
+    def _check_scorable(self, i: int, ctx: list, cont: list) -> None:
+        """Request ``i`` needs a context token before its continuation, and its continuation must
+        fit in ``max_length`` (only the context loses its start)."""
+        if not ctx:
+            raise ValueError(f"loglikelihood request {i} has no context tokens (a whitespace-only context?): its "
+                             "continuation's first token has nothing to be scored after")
+        if len(cont) > self.max_length:
+            raise ValueError(f"loglikelihood request {i}: its continuation has {len(cont)} tokens, more than "
+                             f"max_length={self.max_length}")
 
     @torch.inference_mode()
     def _log_probs(self, inputs: list) -> torch.Tensor:

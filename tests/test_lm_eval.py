@@ -154,3 +154,47 @@ def test_module_runs_lm_eval_with_the_model_registered():
                         "--limit", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert TASK in r.stdout and "exact_match" in r.stdout
+
+
+def direct_score(models, ctx_ids, cont_ids, max_length):
+    """``sum log p(cont | ctx)`` from a direct forward of the last ``max_length`` input tokens."""
+    inp = (ctx_ids + cont_ids)[-(max_length + 1):][:-1]
+    with torch.no_grad():
+        lp = torch.log_softmax(models.base(torch.tensor([inp])).logits[0].double(), -1)
+    return float(lp[len(inp) - len(cont_ids):].gather(1, torch.tensor(cont_ids)[:, None]).sum())
+
+
+def test_truncated_and_rolling_windows_match_a_direct_forward(models):
+    lm = HybridfastLM(models=models, rows=2, max_length=24)      # every input but the last is longer than 24 tokens
+    pairs = [("Question: Janet's ducks lay 16 eggs per day and she eats three.\nAnswer:", " 9 eggs"),
+             ("The robe takes", " 2 bolts of blue"), ("a", " b")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (ctx, cont), (logp, _) in zip(pairs, got):
+        assert logp == pytest.approx(direct_score(models, *lm._encode_pair(ctx, cont), 24), abs=1e-3)
+    text = "Janet sells 16 - 3 - 4 = 9 duck eggs a day. She bakes muffins for her friends every day with four."
+    ids = models.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2 * 24                                       # three windows, the last partial
+    want = direct_score(models, [models.tokenizer.bos_token_id], ids[:24], 24) + \
+        sum(direct_score(models, ids[:k], ids[k: k + 24], 24) for k in range(24, len(ids), 24))
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert rolling == pytest.approx(want, abs=1e-3)
+
+
+def test_loglikelihood_refuses_what_it_cannot_score(models):
+    lm = HybridfastLM(models=models, max_length=16)
+    with pytest.raises(ValueError, match=r"request 1: its continuation has \d+ tokens, more than max_length=16"):
+        pairs = [("a", " b"), ("The robe", " takes 2 bolts of blue fiber and half that much white fiber")]
+        lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    with pytest.raises(ValueError, match="request 0 has no context tokens"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("  ", "Hello"), 0)])
+
+
+def test_do_sample_without_a_temperature_is_refused_not_greedy(models):
+    lm = HybridfastLM(models=models, max_length=64)
+    for kwargs in (dict(do_sample=True), dict(do_sample=True, temperature=0.0)):
+        with pytest.raises(ValueError, match=r"do_sample=True needs a temperature > 0, got temperature=0.0"):
+            req = Instance("generate_until", {}, ("a", dict(until=[], max_gen_toks=4, **kwargs)), 0)
+            lm.generate_until([req])
+    sampled = HybridfastLM(models=models, max_length=64, temperature=1.0)   # the model's temperature serves
+    assert len(generate(sampled, ["a"], [], 4)) == 1
+    assert sampled._request_settings(dict(do_sample=True))[0].temperature == 1.0
