@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 
@@ -54,10 +55,16 @@ def find_data_dir() -> Path | None:
 
 
 def gsm8k_gold(answer: str) -> str:
-    """The number after ``####``, thousands commas stripped."""
-    if "####" not in answer:
-        raise ValueError(f"GSM8K answer has no '####' marker: {answer[-80:]!r}")
-    return answer.split("####")[-1].strip().replace(",", "")
+    """The number after ``####``, thousands commas stripped; no marker, or no number after it,
+    is an error (found here, not after a run has generated every answer)."""
+    if not isinstance(answer, str) or "####" not in answer:
+        raise ValueError(f"GSM8K answer has no '####' marker: {str(answer)[-80:]!r}")
+    gold = answer.split("####")[-1].strip().replace(",", "")
+    try:
+        Fraction(gold)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"GSM8K answer after '####' is not a number: {gold!r}") from None
+    return gold
 
 
 def _from_bytes(dataset: str, split: str, location: str, data: bytes) -> DataSource:

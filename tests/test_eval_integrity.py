@@ -331,3 +331,14 @@ def test_math_without_math_verify_is_refused_before_any_model_loads(tmp_path, mo
     monkeypatch.setitem(sys.modules, "math_verify", None)       # import fails
     line = refused(["--method", "base", "--data", "math500", "--path", str(m), "--out", str(tmp_path / "o")], capsys)
     assert "grading math500 needs math-verify" in line
+
+
+def test_a_gsm8k_gold_that_is_not_a_number_is_refused_when_loading(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps(dict(question="What is 1 + 1?", answer="so\n#### 2")) + "\n"
+                 + json.dumps(dict(question="How much?", answer="so\n#### 72 dollars")) + "\n")
+    with pytest.raises(ValueError, match=r"row 2: GSM8K answer after '####' is not a number: '72 dollars'"):
+        load_problems("gsm8k", path=str(f))
+    f.write_text(json.dumps(dict(question="How much?", answer=72)) + "\n")
+    with pytest.raises(ValueError, match="row 1: GSM8K answer has no '####' marker: '72'"):
+        load_problems("gsm8k", path=str(f))
