@@ -1,19 +1,22 @@
 """Sentence activations of a (thinking) model (DESIGN.md section 1.1).
 
-The activation of a sentence is the residual stream output by block ``layer`` (Hugging Face
-``hidden_states[layer + 1]``), averaged over tokens ``[tok_start - 1, tok_end]`` inclusive: the
+The activation of a sentence is the residual stream output by block ``layer`` (read with a
+forward hook on that block: Hugging Face's ``hidden_states[layer + 1]`` is the same tensor except
+for the last block, whose entry there has the final norm applied, which the router never sees),
+averaged over tokens ``[tok_start - 1, tok_end]`` inclusive: the
 token before the sentence through the token holding the character after it, located with the
 tokenizer's offset mapping. Many traces go through the model per forward pass.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from .sentences import split_sentences
 
-__all__ = ["SentenceRecord", "sentence_activations", "token_span"]
+__all__ = ["SentenceRecord", "block_output", "sentence_activations", "token_span"]
 
 
 @dataclass
@@ -25,6 +28,22 @@ class SentenceRecord:
     end: int
     tok_lo: int         #: first token averaged (tok_start - 1, clamped at 0)
     tok_hi: int         #: last token averaged (inclusive)
+
+
+@contextmanager
+def block_output(model, layer: int):
+    """``with block_output(model, L) as got: model(...)``, then ``got["h"]``: the residual stream
+    ``[B, S, d]`` output by block ``L`` of a Hugging Face decoder, as the router reads it (equal
+    to ``hidden_states[L + 1]`` except at the last block, whose entry there has the final norm)."""
+    got = {}
+
+    def keep(module, args, out):
+        got["h"] = out[0] if isinstance(out, tuple) else out
+    handle = model.model.layers[layer].register_forward_hook(keep)
+    try:
+        yield got
+    finally:
+        handle.remove()
 
 
 def token_span(offsets, start: int, end: int) -> tuple[int, int]:
@@ -74,8 +93,9 @@ def sentence_activations(model, tokenizer, prefixes, thinking_texts, layer: int,
             n = len(e["input_ids"])
             ids[r, :n] = torch.tensor(e["input_ids"])
             mask[r, :n] = 1
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
-        H = out.hidden_states[layer + 1].float().cpu()
+        with block_output(model, layer) as got:
+            model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+        H = got["h"].float().cpu()
         for r, i in enumerate(idx):
             offs = encs[r]["offset_mapping"]
             for j, (s, a, e) in enumerate(sents[r]):

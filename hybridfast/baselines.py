@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .activations import block_output
 from .engine import eos_ids, pad_id
 
 __all__ = ["routed_generate_hooks", "paper_mode_recompute", "steering_hook"]
@@ -124,8 +125,9 @@ def paper_mode_recompute(hm, base_prompts, thinking_prompts, max_new_tokens, *, 
     for pb, pt in zip(base_prompts, thinking_prompts):
         gen, cats, steered, used = [], [], [], []
         for _ in range(max_new_tokens):
-            ot = thinking(input_ids=torch.tensor([pt + gen], device=dev), output_hidden_states=True)
-            x = ot.hidden_states[hm.sae_layer + 1][0, -1]
+            with block_output(thinking, hm.sae_layer) as got:
+                ot = thinking(input_ids=torch.tensor([pt + gen], device=dev))
+            x = got["h"][0, -1]
             logits_t = ot.logits[0, -1].float()
             z = sae.to(dev).encode(x[None])[0]
             c = int(z.argmax())

@@ -63,6 +63,7 @@ from typing import Iterator
 import torch
 
 from . import __version__
+from .activations import block_output
 from .artifact_settings import OVERRIDE_FLAG, SteeringArtifacts, load_steering
 from .datasets import DataSource, open_dataset, problems_of
 from .errors import ArgumentParser, UserError, reported
@@ -384,20 +385,6 @@ def make_method(name: str, models: Models, *, params: dict, sae=None, vectors=No
     return answers
 
 
-def _block_output(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
-    """The residual stream output by block ``layer`` of a Hugging Face decoder, ``[B, S, d]``."""
-    store = {}
-
-    def keep(module, args, out):
-        store["h"] = out[0] if isinstance(out, tuple) else out
-    handle = model.model.layers[layer].register_forward_hook(keep)
-    try:
-        model(input_ids=ids)
-    finally:
-        handle.remove()
-    return store["h"]
-
-
 @torch.inference_mode()
 def routed_steered_tokens(hm, thinking_prompts: list[str], samples) -> list[int]:
     """How many tokens of each power-sampled routed-hybrid sample were generated with steering on.
@@ -415,7 +402,9 @@ def routed_steered_tokens(hm, thinking_prompts: list[str], samples) -> list[int]
             counts.append(0)
             continue
         p = hm.tok_t(prompt, add_special_tokens=False)["input_ids"]
-        x = _block_output(model, hm.sae_layer, torch.tensor([p + r.ids[:-1]], device=dev))[0, len(p) - 1:]
+        with block_output(model, hm.sae_layer) as got:
+            model(input_ids=torch.tensor([p + r.ids[:-1]], device=dev))
+        x = got["h"][0, len(p) - 1:]
         z = hm.sae.encode(x.to(hm.sae.W_enc.device))
         counts.append(int((z.max(-1).values > hm.threshold).sum()))
     return counts

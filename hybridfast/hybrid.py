@@ -3,8 +3,9 @@ thinking model's activations picks a reasoning category and that category's vect
 base model (DESIGN.md sections 1.3 and 1.4).
 
 Layer convention: ``sae_layer = L`` reads the residual stream output by block ``L``
-(``hidden_states[L + 1]``); ``steer_layer = L`` adds to the residual stream entering block ``L``
-(``hidden_states[L]``). Steering applies from the last prompt position on.
+(``hidden_states[L + 1]``, except that Hugging Face applies the final norm to the last block's
+entry there, which the router does not); ``steer_layer = L`` adds to the residual stream
+entering block ``L`` (``hidden_states[L]``). Steering applies from the last prompt position on.
 
 Modes
 -----
@@ -81,10 +82,20 @@ class HybridOutput:
         return sum(sum(r.steered) for r in self.results) / max(1, n)
 
 
+def _ordinary_vocab(tok) -> dict:
+    """``tok``'s vocabulary without its added tokens (special and chat-template ones such as
+    ``<|im_end|>`` or ``<think>``)."""
+    added = tok.get_added_vocab() if hasattr(tok, "get_added_vocab") else {}
+    return {k: v for k, v in tok.get_vocab().items() if k not in added}
+
+
 def _check_tokenizers(tb, tt):
+    """The base and thinking tokenizers must agree on every ordinary token (the thinking model
+    reads the base model's ids); their added tokens may differ (a distilled thinking model renames
+    its special tokens and chat markers)."""
     if tb is None or tt is None:
         return
-    vb, vt = tb.get_vocab(), tt.get_vocab()
+    vb, vt = _ordinary_vocab(tb), _ordinary_vocab(tt)
     if vb != vt:
         only_b = sorted(set(vb) - set(vt))[:5]
         only_t = sorted(set(vt) - set(vb))[:5]
@@ -128,7 +139,7 @@ class HybridModel:
         if K != self.sae.n_latents:
             raise ValueError(f"{K} steering vectors for an SAE with {self.sae.n_latents} latents "
                              f"(one vector per category is needed)")
-        if mb.vocab_size != mt.vocab_size and base_tokenizer is None:
+        if mb.vocab_size != mt.vocab_size and (base_tokenizer is None or thinking_tokenizer is None):
             raise ValueError(f"base vocabulary ({mb.vocab_size}) and thinking vocabulary "
                              f"({mt.vocab_size}) differ; the models must share a tokenizer")
         _check_tokenizers(base_tokenizer, thinking_tokenizer)
@@ -191,6 +202,7 @@ class HybridModel:
         the unsteered baseline that benchmarks compare against. ``rows=N`` decodes N problems at
         a time with continuous batching (default: one row per problem)."""
         t0 = time.perf_counter()
+        self._check_paper_args(temperature, steer)
         if self.mode == "paper" and self.windows != (1,):
             from .baselines import paper_mode_recompute
             pb, pt = self._prompts(base_prompts, thinking_prompts, max_new_tokens)
@@ -211,8 +223,7 @@ class HybridModel:
         pb, pt = self._prompts(base_prompts, thinking_prompts, max_new_tokens)
         if self.mode == "paper" and self.windows != (1,):
             raise ValueError(f"windows={self.windows} runs the exact recompute path: use generate")
-        if self.mode == "paper" and temperature != 0:
-            raise ValueError("paper mode is greedy (temperature=0), as in the paper's code")
+        self._check_paper_args(temperature, steer)
         mode = PaperMode(self) if self.mode == "paper" else \
             RoutedMode(self, temperature, top_k, generator, steer)
         rows = rows or len(pb)
@@ -223,6 +234,16 @@ class HybridModel:
         for group in sched.groups(reqs):
             yield [(c.index, self._result(c)) for c in group]
         self.last_stats = sched.stats
+
+    def _check_paper_args(self, temperature, steer):
+        """Paper mode has no sampling and no unsteered variant: refuse what it would ignore."""
+        if self.mode != "paper":
+            return
+        if temperature != 0:
+            raise ValueError("paper mode is greedy (temperature=0), as in the paper's code")
+        if not steer:
+            raise ValueError("steer=False is the routed mode's unsteered baseline; paper mode always "
+                             "steers (decode the base model alone with Engine for its baseline)")
 
     def _prompts(self, base_prompts, thinking_prompts, max_new_tokens):
         """Both sides' prompts as id lists, checked."""
@@ -279,7 +300,9 @@ class HybridModel:
         lg = mb.logits(rows)
         return lg[:, 0], lg[:, 1:], logits_t, cat["c"]
 
-    def _choose(self, logits_b, logits_c, logits_t):
+    def _choose(self, logits_b, logits_c, logits_t, cat):
+        """The gate and the candidate search. A row whose category is below the threshold
+        (``cat < 0``) emits the unsteered base token with coefficient 0, as the recompute does."""
         think_tok = logits_t.argmax(-1)
         base_tok = logits_b.argmax(-1)
         cand_tok = logits_c.argmax(-1)                                  # [B, C]
@@ -287,7 +310,7 @@ class HybridModel:
         score = lpt.gather(1, cand_tok)                                 # [B, C]
         best = score.argmax(-1)                                         # first on ties
         chosen = cand_tok.gather(1, best[:, None])[:, 0]
-        steer = think_tok != base_tok
+        steer = (think_tok != base_tok) & (cat >= 0)
         tok = torch.where(steer, chosen, base_tok)
         coef = torch.where(steer, self.coefs[best], torch.zeros_like(self.coefs[best]))
         return tok, steer, coef
@@ -404,8 +427,8 @@ class PaperMode:
 
     def choose(self, state):
         logits_b, logits_c, logits_t, cat = state
-        tok, steer, coef = self.hm._choose(logits_b, logits_c, logits_t)
-        return tok, dict(category=cat, steered=steer & (cat >= 0), coef=coef)
+        tok, steer, coef = self.hm._choose(logits_b, logits_c, logits_t, cat)
+        return tok, dict(category=cat, steered=steer, coef=coef)
 
     def step(self, tok, caches, spans):
         hm = self.hm

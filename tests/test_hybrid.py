@@ -11,11 +11,13 @@ from .helpers import BASE_PROMPTS, THINK_PROMPTS, pair, router_and_vectors
 T = 20
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_paper_mode_matches_recompute(family):
+@pytest.mark.parametrize("family,sae_layer", [("qwen2", 2), ("llama", 2), ("qwen2", 3)])
+def test_paper_mode_matches_recompute(family, sae_layer):
+    """Also with the router at the last block, whose Hugging Face ``hidden_states`` entry has the
+    final norm applied (the recompute reads the block's own output, as the router does)."""
     base, think = pair(family)
     sae, vec = router_and_vectors(64, 64)
-    kw = dict(sae_layer=2, steer_layer=1, coefficients=[0.5, 1.0, 2.0])
+    kw = dict(sae_layer=sae_layer, steer_layer=1, coefficients=[0.5, 1.0, 2.0])
     out = HybridModel(base, think, sae, vec, **kw).generate(BASE_PROMPTS, THINK_PROMPTS, T, eos_token_id=2)
     ref = paper_mode_recompute(HybridModel(base, think, sae, vec, **kw), BASE_PROMPTS,
                                THINK_PROMPTS, T, eos_token_id=2)
@@ -30,6 +32,25 @@ def test_paper_mode_matches_recompute(family):
     assert 0 < n_steered < n_tokens
     assert [r.ids for r in out.results] != plain
     assert 0 < out.steered_fraction < 1 and 0 < out.steered_fraction_tokens < 1
+
+
+def test_paper_mode_threshold_matches_recompute():
+    """A category below the threshold is not steered: the base token with coefficient 0, also
+    where the gate fails (the candidate search must not run on it)."""
+    base, think = pair("qwen2")
+    sae, vec = router_and_vectors(64, 64)
+    kw = dict(sae_layer=2, steer_layer=1, coefficients=[0.5, 1.0, 2.0], threshold=2.0)
+    out = HybridModel(base, think, sae, vec, **kw).generate(BASE_PROMPTS, THINK_PROMPTS, T, eos_token_id=2)
+    ref = paper_mode_recompute(HybridModel(base, think, sae, vec, **kw), BASE_PROMPTS,
+                               THINK_PROMPTS, T, eos_token_id=2)
+    below = 0
+    for a, b in zip(out.results, ref.results):
+        assert a.ids == b.ids and a.category == b.category and a.steered == b.steered
+        assert a.coef == b.coef
+        below += sum(c == -1 for c in a.category)
+        assert all(c == 0.0 for c, s in zip(a.coef, a.steered) if not s)
+    assert below > 0, "the threshold must fail somewhere"
+    assert any(any(r.steered) for r in out.results)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
@@ -90,15 +111,50 @@ def test_bad_input_errors():
                     mode="routed").generate([[1, 2]], [[1]], 3)
 
 
+def test_paper_mode_refuses_what_it_would_ignore():
+    """Paper mode is greedy and always steers: a temperature (also on the recompute path of
+    windows) or steer=False must raise, not return greedy / steered tokens."""
+    base, think = pair("qwen2")
+    sae, vec = router_and_vectors(64, 64)
+    kw = dict(sae_layer=2, steer_layer=1, coefficients=[0.5, 2.0])
+    for windows in [(1,), (0,)]:
+        hm = HybridModel(base, think, sae, vec, windows=windows, **kw)
+        with pytest.raises(ValueError, match="greedy"):
+            hm.generate(BASE_PROMPTS, THINK_PROMPTS, 4, temperature=0.7)
+        with pytest.raises(ValueError, match="steer=False"):
+            hm.generate(BASE_PROMPTS, THINK_PROMPTS, 4, steer=False)
+    with pytest.raises(ValueError, match="steer=False"):
+        next(HybridModel(base, think, sae, vec, **kw).stream(BASE_PROMPTS, THINK_PROMPTS, 4, steer=False))
+
+
+def test_vocabulary_sizes_checked_unless_both_tokenizers_compared():
+    from hybridfast.tiny import tiny_model
+    base, _ = pair("qwen2")
+    sae, vec = router_and_vectors(64, 64)
+
+    class Tok:
+        def get_vocab(self):
+            return {"a": 0}
+    with pytest.raises(ValueError, match="vocabulary"):
+        HybridModel(base, tiny_model("qwen2", vocab_size=80), sae, vec, sae_layer=1, steer_layer=1,
+                    base_tokenizer=Tok())
+
+
 def test_tokenizer_mismatch_named():
     from hybridfast.hybrid import _check_tokenizers
 
     class Tok:
-        def __init__(self, v):
-            self.v = v
+        def __init__(self, v, added=None):
+            self.v, self.added = v, added or {}
 
         def get_vocab(self):
-            return self.v
+            return {**self.v, **self.added}
+
+        def get_added_vocab(self):
+            return self.added
     _check_tokenizers(Tok({"a": 0}), Tok({"a": 0}))
     with pytest.raises(ValueError, match=r"tokenizers differ.*only in base \['b'\]"):
         _check_tokenizers(Tok({"a": 0, "b": 1}), Tok({"a": 0}))
+    # a distilled thinking model renames its special tokens (DeepSeek-R1-Distill vs Qwen2.5): allowed
+    _check_tokenizers(Tok({"a": 0}, {"<|endoftext|>": 1, "<|im_start|>": 2}),
+                      Tok({"a": 0}, {"<｜end▁of▁sentence｜>": 1, "<think>": 3}))

@@ -54,6 +54,30 @@ def test_split_rules():
     assert extract_thinking("no tags here") == "no tags here"
 
 
+@pytest.mark.parametrize("layer", [1, 3])
+def test_sentence_activation_is_what_the_router_reads(layer):
+    """The mean, over the sentence's token span, of the residual output by block ``layer`` as the
+    engine's router captures it; at the last block too (Hugging Face's last hidden state there
+    has the final norm applied)."""
+    from hybridfast.engine import Engine, pad_prompts
+    tok = tiny_tokenizer()
+    m = tiny_model("qwen2", seed=3, vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    assert m.config.num_hidden_layers == 4
+    text = "We add the two numbers first. Then we check the sum again. Done with it now."
+    X, recs = sentence_activations(m, tok, [""], [text], layer=layer)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    e = Engine(m)
+
+    def router_reads(j):              # the residual output by block `layer` at position j
+        cache = e.new_cache(1, j + 1)
+        pid, lengths = pad_prompts([ids[: j + 1]], 0, m.device)
+        return e.prefill(pid, lengths, cache, capture_layer=layer)[1][0].float()
+    assert len(recs) == 3
+    for x, r in zip(X, recs):
+        ref = torch.stack([router_reads(j) for j in range(r.tok_lo, r.tok_hi + 1)]).mean(0)
+        torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- planted mechanism
 
 K, LP, NORM = 3, 2, 10.0
