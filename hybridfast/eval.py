@@ -569,6 +569,9 @@ def _problems(dataset, split, path, hf, limit, offset) -> tuple[DataSource, list
         raise UserError(_reason(e)) from None
     if not problems:
         raise UserError(f"--offset {offset} selects no problems: {source.location} has {len(source.rows)}")
+    if limit is not None and len(problems) < limit:
+        print(f"hybridfast: note: --limit {limit} from --offset {offset} selects {len(problems)} problems: "
+              f"{source.location} has {len(source.rows)}", file=sys.stderr)
     return source, problems
 
 

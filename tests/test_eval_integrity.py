@@ -342,3 +342,10 @@ def test_a_gsm8k_gold_that_is_not_a_number_is_refused_when_loading(tmp_path):
     f.write_text(json.dumps(dict(question="How much?", answer=72)) + "\n")
     with pytest.raises(ValueError, match="row 1: GSM8K answer has no '####' marker: '72'"):
         load_problems("gsm8k", path=str(f))
+
+
+def test_a_limit_past_the_end_of_the_file_is_announced(tmp_path, capsys):
+    f = _gsm8k_file(tmp_path / "q.jsonl", ["What is 1 + 1?", "What is 2 + 2?"])
+    s = run_eval("base", path=str(f), limit=5, max_new_tokens=2, out=tmp_path / "o", progress=False)
+    assert s["methods"]["base"]["n"] == 2
+    assert f"--limit 5 from --offset 0 selects 2 problems: {f} has 2" in capsys.readouterr().err
