@@ -22,6 +22,7 @@ from hybridfast.artifacts import as_sae, as_vectors
 from hybridfast.engine import Engine
 from hybridfast.hybrid import HybridModel
 from hybridfast.power import PowerSampler
+from hybridfast.serving.errors import RequestError
 from hybridfast.serving.app import BackgroundServer, create_app
 from hybridfast.serving.model_set import ModelSet
 from hybridfast.tiny import tiny_pair, tiny_tokenizer
@@ -297,6 +298,21 @@ def test_malformed_bodies_and_routes(server, client):
     assert health(server)["in_flight"] == 0
 
 
+def test_chat_refusals_name_the_field(server):
+    chat = lambda **kw: httpx.post(server.url + "/v1/chat/completions", json=dict(  # noqa: E731
+        dict(model="tiny", messages=[dict(role="user", content="hi")], max_tokens=4), **kw))
+    # a participant name the chat template would drop is refused, not ignored
+    r = chat(messages=[dict(role="user", content="hi"), dict(role="user", content="hello", name="bob")])
+    err = r.json()["error"]
+    assert (r.status_code, err["param"], err["code"]) == (400, "messages.1.name", "unsupported")
+    assert "messages.1.name='bob' is not supported" in err["message"]
+    # a bound that max_completion_tokens breaks names max_completion_tokens
+    r = chat(max_tokens=None, max_completion_tokens=801)
+    err = r.json()["error"]
+    assert (r.status_code, err["param"]) == (400, "max_completion_tokens")
+    assert "max_completion_tokens 801 exceeds this server's bound of 800" in err["message"]
+
+
 def test_hybrid_methods_need_steering(models):
     plain_only = ModelSet("tiny", models.base, models.tokenizer)
     srv = BackgroundServer(create_app(plain_only, rows=2, max_model_len=64, max_tokens=8))
@@ -307,6 +323,54 @@ def test_hybrid_methods_need_steering(models):
         assert "it serves plain, power-mh, power-smc, power-scalable" in err["message"]
     finally:
         srv.stop()
+
+
+def test_token_id_prompts_reach_the_thinking_model_as_its_own_ids():
+    """The thinking tokenizer may give the added (special, chat-marker) tokens other ids than the
+    base tokenizer: a token-id prompt of a hybrid request reaches the thinking model translated,
+    as the same prompt sent as text would, and a token it lacks is refused."""
+    from hybridfast.serving.methods import Settings
+    from hybridfast.serving.server import Server
+    tok_b, tok_t = tiny_tokenizer(), tiny_tokenizer()
+    tok_b.add_tokens(["<|a|>", "<|b|>", "<|only-base|>"])
+    tok_t.add_tokens(["<|b|>", "<|a|>"])
+    base, think = tiny_pair(tok_b)
+    sae, vec = router_and_vectors(base.config.hidden_size, base.config.hidden_size)
+    models = ModelSet("tiny", base, tok_b, think, tok_t,
+                      SteeringArtifacts(as_sae(sae), as_vectors(vec), SAE_LAYER, STEER_LAYER))
+    text = "<|a|>Janet's ducks<|b|> lay"
+    ids_b, ids_t = (t(text, add_special_tokens=False)["input_ids"] for t in (tok_b, tok_t))
+    assert ids_b != ids_t and len(ids_b) == len(ids_t)        # the fixture: ids differ, tokens do not
+    srv = Server(models, rows=2, max_model_len=64, max_tokens=8)
+    for method in ("hybrid-paper", "hybrid-routed"):
+        assert srv.completion_prompts(ids_b, Settings(method)) == [(ids_b, ids_t)]
+        assert srv.completion_prompts(text, Settings(method)) == [(ids_b, ids_t)]
+    assert srv.completion_prompts(ids_b, Settings("plain")) == [(ids_b,)]
+    only = tok_b.convert_tokens_to_ids("<|only-base|>")
+    with pytest.raises(RequestError, match=r"prompt 0 has token ids the thinking model's tokenizer has no token for: "
+                                           rf"\{{{only}: '<\|only-base\|>'\}}") as e:
+        srv.completion_prompts(ids_b + [only], Settings("hybrid-paper"))
+    assert (e.value.status, e.value.param) == (400, "prompt")
+
+
+def test_schedulers_do_not_share_sampling_noise(models):
+    """An unseeded sampled request draws fresh noise: a scheduler made again (after its idle
+    predecessor was dropped for another setting) does not replay the samples it gave before."""
+    from hybridfast.serving.methods import Settings
+    from hybridfast.serving.worker import Job, Tokens, Worker
+    ids = encode(models, "Natalia sold clips to")
+    worker = Worker(models, rows=2, max_model_len=64, max_schedulers=1)
+
+    def run(s):
+        got = []
+        worker.submit(Job(s, [(ids,)], 20, worker.new_ids(1),
+                          lambda ev: got.extend(ev.tokens if isinstance(ev, Tokens) else [])))
+        worker.drain()
+        return got
+    first = run(Settings("plain", 1.0))
+    run(Settings("plain", 0.0))                       # drops the sampled scheduler (max_schedulers=1)
+    again = run(Settings("plain", 1.0))
+    assert len(first) >= 5 and first != again
 
 
 # ------------------------------------------------------------------------------ disconnects and bounds

@@ -100,8 +100,8 @@ def create_app(models: ModelSet, **limits) -> FastAPI:
             raise RequestError(400, f"max_tokens={body.max_tokens} and max_completion_tokens="
                                     f"{body.max_completion_tokens} differ; give one", param="max_completion_tokens")
         prompts = [server.chat_prompt(body.messages, s)]
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = server.max_tokens_of(requested, prompts, None)
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = server.max_tokens_of(getattr(body, param), prompts, None, param)
         return await server.respond(Reply("chat", models.name), body, s, prompts, max_tokens, request)
 
     return app

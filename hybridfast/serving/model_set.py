@@ -44,6 +44,23 @@ class ModelSet:
         return self.base.lm_head.out_features
 
     @cached_property
+    def thinking_ids_of_added(self) -> dict:
+        """Base token id -> the thinking tokenizer's id of the same token (``None``: it has none),
+        for the base tokenizer's added tokens (special and chat-template ones) whose id differs
+        there. Ordinary tokens share their ids (``HybridModel`` checks it); added ones may not (a
+        distilled thinking model renames its special tokens), so a token-id prompt is translated
+        through this map for the thinking model. Empty without a thinking tokenizer."""
+        tb, tt = self.tokenizer, self.thinking_tokenizer
+        if tt is None or tt is tb:
+            return {}
+        vt = tt.get_vocab()
+        out = {}
+        for token, i in tb.get_added_vocab().items():
+            if vt.get(token) != i:
+                out[int(i)] = vt.get(token)
+        return out
+
+    @cached_property
     def eos_ids(self) -> list:
         """The ids that end a generation: the base tokenizer's EOS (the model config's when the
         tokenizer has none), as the schedulers and power samplers use them."""

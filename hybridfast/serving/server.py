@@ -148,18 +148,38 @@ class Server:
             raise RequestError(400, "prompt is empty", param="prompt")
         out = []
         for i, p in enumerate(prompt):
-            sides = [self.models.tokenizer] + ([self.models.thinking_tokenizer] if s.method in HYBRID else [])
-            ids = tuple(tok(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else self._ids(p, i)
-                        for tok in sides)
+            if isinstance(p, str):
+                sides = [self.models.tokenizer] + ([self.models.thinking_tokenizer] if s.method in HYBRID else [])
+                ids = tuple(tok(p, add_special_tokens=False)["input_ids"] for tok in sides)
+            else:
+                base = self._ids(p, i)
+                ids = (base, self._thinking_ids(base, i)) if s.method in HYBRID else (base,)
             if not ids[0]:
                 raise RequestError(400, f"prompt {i} is empty (no tokens)", param="prompt")
             out.append(ids)
         return out
 
+    def _thinking_ids(self, ids: list, i: int) -> list:
+        """Token-id prompt ``i`` (base ids) as the thinking model's ids: ordinary tokens keep
+        their ids, added tokens (special, chat markers) take the thinking tokenizer's id of the
+        same token; one it lacks is refused (as text it would be split into other tokens)."""
+        added = self.models.thinking_ids_of_added
+        missing = sorted({t for t in ids if t in added and added[t] is None})
+        if missing:
+            names = self.models.tokenizer.convert_ids_to_tokens(missing[:5])
+            raise RequestError(400, f"prompt {i} has token ids the thinking model's tokenizer has no token for: "
+                                    f"{dict(zip(missing[:5], names))}; send the prompt as text", param="prompt")
+        return [added.get(t, t) for t in ids]
+
     def chat_prompt(self, messages, s: Settings) -> tuple:
         """The messages in each side's own chat template, with the generation prompt."""
         if not messages:
             raise RequestError(400, "messages is empty", param="messages")
+        for i, m in enumerate(messages):
+            if m.name is not None:
+                raise RequestError(400, f"messages.{i}.name={m.name!r} is not supported: chat templates do not "
+                                        f"show participant names to the model; omit it or put it in the content",
+                                   param=f"messages.{i}.name", code="unsupported")
         msgs = [dict(role="system" if m.role == "developer" else m.role, content=m.text()) for m in messages]
         sides = [("base", self.models.tokenizer)]
         if s.method in HYBRID:
@@ -177,8 +197,10 @@ class Server:
             out.append(tok(text, add_special_tokens=False)["input_ids"])
         return tuple(out)
 
-    def max_tokens_of(self, requested: int | None, prompts: list, default: int | None) -> int:
-        """The max_tokens of every choice, checked against the bounds."""
+    def max_tokens_of(self, requested: int | None, prompts: list, default: int | None,
+                      param: str = "max_tokens") -> int:
+        """The max_tokens of every choice, checked against the bounds (``param``: the field that
+        gave ``requested``, named in errors)."""
         longest = max(len(p) for sides in prompts for p in sides)
         if longest >= self.max_model_len:
             raise RequestError(400, f"the prompt has {longest} tokens; this server holds {self.max_model_len} "
@@ -186,14 +208,15 @@ class Server:
                                code="context_length_exceeded")
         n = requested if requested is not None else default
         n = min(self.max_tokens, self.max_model_len - longest) if n is None else n
+        what = param if requested is not None else "the default max_tokens"
         if n < 1:
-            raise RequestError(400, f"max_tokens must be >= 1, got {n}", param="max_tokens")
+            raise RequestError(400, f"{what} must be >= 1, got {n}", param=param)
         if n > self.max_tokens:
-            raise RequestError(400, f"max_tokens {n} exceeds this server's bound of {self.max_tokens} (--max-tokens)",
-                               param="max_tokens")
+            raise RequestError(400, f"{what} {n} exceeds this server's bound of {self.max_tokens} (--max-tokens)",
+                               param=param)
         if longest + n > self.max_model_len:
-            raise RequestError(400, f"prompt of {longest} tokens + max_tokens {n} exceeds the {self.max_model_len} "
-                                    f"tokens a request may hold (--max-model-len)", param="max_tokens",
+            raise RequestError(400, f"prompt of {longest} tokens + {what} {n} exceeds the {self.max_model_len} "
+                                    f"tokens a request may hold (--max-model-len)", param=param,
                                code="context_length_exceeded")
         return n
 

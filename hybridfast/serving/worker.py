@@ -88,7 +88,7 @@ class _Route:
 class Worker:
     """Runs jobs on one thread (see the module docstring). ``rows``: cache rows per scheduler;
     ``max_model_len``: tokens per row (prompt + completion); ``seed``: the schedulers' sampling
-    noise and the seeds of power jobs that give none."""
+    noise (a fresh key per scheduler made) and the seeds of power jobs that give none."""
 
     def __init__(self, models: ModelSet, *, rows: int, max_model_len: int, max_schedulers: int, seed: int = 0):
         for name, value in (("rows", rows), ("max_model_len", max_model_len), ("max_schedulers", max_schedulers)):
@@ -103,6 +103,10 @@ class Worker:
         self.counts = dict(finished=0, cancelled=0, failed=0)
         self._ids = itertools.count()
         self._seeds = random.Random(seed)
+        #: the noise keys of new schedulers: each scheduler made gets its own (one key for all would
+        #: give a scheduler made again, after an idle one was dropped, the samples it gave before,
+        #: and schedulers of different settings the same noise)
+        self._scheduler_seeds = random.Random(f"schedulers:{seed}")
         self._thread: threading.Thread | None = None
         self._stopping = False
         #: what /health reports, replaced (never mutated) after every round
@@ -221,7 +225,7 @@ class Worker:
                                         f"other sampling settings; retry later or use the settings of a running "
                                         f"request", code="schedulers_busy")
             del self.schedulers[idle[0]]
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self._scheduler_seeds.randrange(2 ** 63))
         self.schedulers[key] = self.models.scheduler(s, self.rows, self.max_model_len, generator)
         return self.schedulers[key]
 
