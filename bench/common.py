@@ -181,14 +181,16 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def write(name: str, payload: dict, out=None) -> Path:
+def write(name: str, payload: dict, out=None, *, quiet: bool = False) -> Path:
     """Write ``out`` (default ``bench/results/<name>-<device>.json``) atomically and print the final
-    JSON line."""
+    JSON line (``quiet``: no line, for checkpoints of partial results)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = Path(out) if out else RESULTS / f"{name}-{_device_tag()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)
-    print(json.dumps({"result": str(path), **{k: v for k, v in payload.items()
-                                              if not isinstance(v, list)}}))
+    if not quiet:
+        print(json.dumps({"result": str(path), **{k: v for k, v in payload.items()
+                                                  if not isinstance(v, list)}}))
     return path

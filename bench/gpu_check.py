@@ -29,7 +29,10 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH)
+# this checkout's hybridfast, installed or not (a bare GPU machine runs the copied working tree)
+sys.path.insert(1, os.path.dirname(BENCH))
 from common import add_output_flags, count_syncs, env_info, result_path, table, write  # noqa: E402
 
 import hybridfast.ops as ops  # noqa: E402
@@ -243,7 +246,9 @@ def timed(fn):
 
 
 def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budget_s: float,
-               naive_max_batch: int = 8, K: int = 15, compile=True):
+               naive_max_batch: int = 8, K: int = 15, compile=True, on_row=None):
+    """Rows of tokens/s per (batch, mode); ``on_row(rows)`` is called after each one (the
+    caller saves partial results: a run cut short still leaves what it measured)."""
     from hybridfast import HybridModel, PowerSampler
     from hybridfast.baselines import routed_generate_hooks
     from hybridfast.engine import Engine
@@ -326,6 +331,8 @@ def generation(dev, config: str, batches, new_tokens: int, prompt_len: int, budg
                     r["syncs_per_token"] = syncs / tokens
                 return r
             guarded(rows, dict(config=config, B=B, mode=name, new_tokens=new_tokens), one)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -364,32 +371,47 @@ def main(argv=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("gpu_check: no CUDA device; run with TRITON_INTERPRET=1 --smoke on CPU")
+    # where the results go, decided (and a refused --out reported) before any time is spent
+    gpu = torch.cuda.get_device_name(0).replace(" ", "-").lower() if dev == "cuda" else "cpu"
+    path = result_path(ap, a, "gpu-check-smoke" if a.smoke else f"gpu-check-{gpu}")
+    paths = [path] + ([os.path.join(os.environ["OUT"], path.name)] if os.environ.get("OUT") else [])
     t0 = time.perf_counter()
     configs = a.configs or (["tiny-qwen2"] if a.smoke else ["qwen2.5-1.5b", "qwen2.5-7b"])
     batches = a.batch or ([1, 3] if a.smoke else [1, 8, 32, 64])
     new_tokens = a.new_tokens or (8 if a.smoke else 64)
-    payload = dict(env=env_info(), smoke=a.smoke)
+    payload = dict(env=env_info(), smoke=a.smoke, kernels=[], kernel_times=[], generation=[])
+
+    def save(final: bool = False):
+        """Write the results so far (``partial`` until the end) to every destination."""
+        payload["ratios"] = ratios(payload["generation"])
+        payload["failed_checks"] = sum(not r.get("ok", True) for r in payload["kernels"])
+        payload["errors"] = sum("error" in r for sec in ("kernels", "kernel_times", "generation")
+                                for r in payload[sec])
+        payload["seconds"] = time.perf_counter() - t0
+        payload["partial"] = not final
+        for p in paths:
+            write(path.stem, payload, p, quiet=not final)
+
+    save()
     payload["kernels"] = kernel_sweep(dev, a.smoke)
+    save()
     payload["kernel_times"] = kernel_times(dev, a.smoke)
+    save()
     gen_rows = []
+
+    def on_row(rows):
+        payload["generation"] = [r for x in gen_rows for r in (x.get("rows") or [x])] + rows
+        save()
     for i, c in enumerate(configs):
         left = a.budget_s - (time.perf_counter() - t0)
         guarded(gen_rows, dict(config=c, mode="load"), lambda: dict(rows=generation(
             dev, c, batches, new_tokens, 32, left / (len(configs) - i),
-            compile={"backend": "eager"} if a.smoke else True)))
+            compile={"backend": "eager"} if a.smoke else True, on_row=on_row)))
+        payload["generation"] = [r for x in gen_rows for r in (x.get("rows") or [x])]
+        save()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()     # the config's models are gone with generation()'s frame
-    payload["generation"] = [r for x in gen_rows for r in (x.get("rows") or [x])]
-    payload["ratios"] = ratios(payload["generation"])
-    payload["failed_checks"] = sum(not r.get("ok", True) for r in payload["kernels"])
-    payload["errors"] = sum("error" in r for sec in ("kernels", "kernel_times", "generation")
-                            for r in payload[sec])
-    payload["seconds"] = time.perf_counter() - t0
-    gpu = torch.cuda.get_device_name(0).replace(" ", "-").lower() if dev == "cuda" else "cpu"
-    path = result_path(ap, a, "gpu-check-smoke" if a.smoke else f"gpu-check-{gpu}")
-    write(path.stem, payload, path)
-    if os.environ.get("OUT"):
-        write(path.stem, payload, os.path.join(os.environ["OUT"], path.name))
+    save(final=True)
     print(table(payload["kernels"], ["op", "B", "d", "K", "C", "V", "T", "top_k", "dtype", "edge", "ok",
                                      "err_over_allowed", "cat_match", "token_match", "error"]))
     print(table(payload["kernel_times"], ["op", "B", "d", "K", "V", "triton_us", "ref_eager_us",

@@ -174,7 +174,7 @@ def power_official(model, prompt, *, alpha=4.0, block_size=192, n_mcmc=10, max_n
     """
     dev = next(model.parameters()).device
     eos = eos_ids(model, eos_token_id)
-    g = generator if generator is not None else torch.Generator(device=dev)
+    g = generator if generator is not None else torch.Generator()    # host-side draws, on its own device
     P = len(prompt)
     fw = decoded = 0
 
@@ -199,11 +199,11 @@ def power_official(model, prompt, *, alpha=4.0, block_size=192, n_mcmc=10, max_n
         new, a, b = gen(cur, cap - len(cur))
         cur, lp, lq = cur + new, lp + a, lq + b
         for _ in range(n_mcmc):
-            idx = int(torch.randint(0, len(cur), (1,), generator=g))
+            idx = int(torch.randint(0, len(cur), (1,), generator=g, device=g.device))
             new, a, b = gen(cur[:idx], cap - idx)
             s = idx + len(new)
             log_r = alpha * (sum(a) - sum(lp[idx:s])) + (sum(lq[idx:s]) - sum(b))
-            if float(torch.rand(1, generator=g)) < min(1.0, float(torch.tensor(log_r).exp())):
+            if float(torch.rand(1, generator=g, device=g.device)) < min(1.0, float(torch.tensor(log_r).exp())):
                 cur, lp, lq = cur[:idx] + new, lp[:idx] + a, lq[:idx] + b
         if cur and cur[-1] in eos:
             break

@@ -12,6 +12,12 @@ a static address (the cache is written in place by every step).
 
 ``compile`` takes ``False`` (eager), ``True`` (the defaults above), or a dict of
 ``torch.compile`` keyword arguments (e.g. ``{"backend": "aot_eager"}``) merged over them.
+
+Recompilations: a step compiles once per batch size it meets, and Dynamo counts the entries of
+every instance's step together (they share one code object: ``Engine._step``, ...). With
+``fullgraph=True`` the 9th entry is a hard ``FailOnRecompileLimitHit`` under Dynamo's default
+limit of 8 (two engines at four batch sizes each reach it), so compiling a step raises
+``torch._dynamo.config.recompile_limit`` to at least :data:`RECOMPILE_LIMIT`.
 """
 from __future__ import annotations
 
@@ -19,10 +25,13 @@ from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["CAPACITY_BUCKET", "compile_options", "compile_step", "bucketed", "new_cache"]
+__all__ = ["CAPACITY_BUCKET", "RECOMPILE_LIMIT", "compile_options", "compile_step", "bucketed",
+           "new_cache"]
 
 #: compiled steps round cache capacities up to a multiple of this many tokens
 CAPACITY_BUCKET = 256
+#: Dynamo's recompile limit is raised to at least this when a step is compiled (module doc)
+RECOMPILE_LIMIT = 64
 
 Compile = Union[bool, dict, None]
 
@@ -42,8 +51,20 @@ def compile_options(compile: Compile, device: torch.device) -> Optional[dict]:
 
 
 def compile_step(fn: Callable, options: Optional[dict]) -> Callable:
-    """``fn`` itself when eager, else ``torch.compile(fn, **options)``."""
-    return fn if options is None else torch.compile(fn, **options)
+    """``fn`` itself when eager, else ``torch.compile(fn, **options)`` (with Dynamo's recompile
+    limit raised to :data:`RECOMPILE_LIMIT`, see the module doc)."""
+    if options is None:
+        return fn
+    _raise_recompile_limit(RECOMPILE_LIMIT)
+    return torch.compile(fn, **options)
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    if getattr(cfg, name) < limit:
+        setattr(cfg, name, limit)
 
 
 def bucketed(capacity: int, options: Optional[dict]) -> int:

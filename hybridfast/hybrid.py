@@ -380,8 +380,8 @@ class RoutedMode:
         logits, cat = state
         tok, _, _ = sample(logits, self.temperature, self.top_k, self.rng)
         coef = self.hm.coefs[cat.clamp_min(0)]
-        return tok, dict(category=cat, steered=cat >= 0,
-                         coef=torch.where(cat >= 0, coef, torch.zeros_like(coef)))
+        return tok, dict(category=cat.clone(), steered=cat >= 0,      # clone: a CUDA graph's next replay
+                         coef=torch.where(cat >= 0, coef, torch.zeros_like(coef)))   # overwrites its outputs
 
     def step(self, tok, caches, spans):
         hm = self.hm
@@ -428,7 +428,7 @@ class PaperMode:
     def choose(self, state):
         logits_b, logits_c, logits_t, cat = state
         tok, steer, coef = self.hm._choose(logits_b, logits_c, logits_t, cat)
-        return tok, dict(category=cat, steered=steer, coef=coef)
+        return tok, dict(category=cat.clone(), steered=steer, coef=coef)   # clone: see RoutedMode.choose
 
     def step(self, tok, caches, spans):
         hm = self.hm

@@ -1,5 +1,6 @@
 """route_steer: every implementation against the PyTorch reference (hypothesis)."""
 import math
+import os
 
 import pytest
 import torch
@@ -281,3 +282,62 @@ def test_triton_op_and_device_kernels():
     tok, lp, lq = torch.ops.hybridfast.sample_logprobs_triton(torch.randn(4, 50, generator=g), 0.5,
                                                               torch.tensor([3]), None)
     assert tok.shape == (4,) and torch.isfinite(lp).all() and torch.isfinite(lq).all()
+
+
+_TRACE_SCRIPT = r'''
+import contextlib, os, sys, torch
+if sys.argv[1] == "pre-2.12":      # is_compiling() False outside Dynamo-traced code, as before 2.12
+    torch.compiler._compile_session_context = contextlib.nullcontext
+import triton
+from triton.backends.compiler import GPUTarget
+class FakeDriver:                  # mutation analysis of wrap_triton needs a target, not a GPU
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, *a): return 0
+    def get_active_torch_device(self): return torch.device("cpu")
+    def is_active(self): return True
+triton.runtime.driver.set_active(FakeDriver())
+import hybridfast.kernels          # JIT functions (not interpreted): what CUDA runs
+import hybridfast.ops as ops
+os.environ["TRITON_INTERPRET"] = "1"   # only so that impl="triton" accepts CPU tensors
+assert ops._triton() is not None, ops._triton_error
+from torch._functorch.aot_autograd import aot_module_simplified
+class Traced(Exception): pass
+seen = []
+def backend(gm, inputs):
+    def fw(g, ins):
+        seen.append(sum("triton_kernel_wrapper" in str(n.target) for n in g.graph.nodes))
+        def never(*a): raise Traced()
+        return never
+    return aot_module_simplified(gm, inputs, fw_compiler=fw)
+B, d = 3, 16
+def route(K):
+    a = (torch.randn(B, d), torch.randn(B, d), torch.randn(d, K), torch.zeros(K), torch.zeros(d),
+         torch.randn(K, d), torch.ones(K))
+    return (lambda *t: ops.route_steer(*t, bias=t[0][0], threshold=0.0, impl="triton",
+                                       check_nan=False, validate=False)), a
+sample = lambda lg, seed: ops.sample_logprobs(lg, 0.5, seed=seed, impl="triton", top_k=5, check_nan=False)
+for fn, a in [route(5), route(3000), (sample, (torch.randn(4, 300), torch.tensor([5]))),
+              (sample, (torch.randn(1, 151936), torch.tensor([5])))]:
+    torch._dynamo.reset()
+    try:
+        torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*a)
+    except Traced:
+        pass
+print(seen)
+'''
+
+
+@pytest.mark.parametrize("torch_semantics", ["pre-2.12", "current"])
+def test_compiled_triton_ops_trace_to_kernels(torch_semantics):
+    """Under torch.compile (the compiled decode steps on CUDA) each op must trace to its Triton
+    kernels (fused: 1, tiled: 2, sampler: 1 or 2), never launch a kernel on fake tensors. Also with
+    torch < 2.12, where is_compiling() is False inside AOTAutograd (the GPU image runs 2.11)."""
+    pytest.importorskip("triton.backends.nvidia")
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, torch_semantics], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "[1, 2, 1, 2]", r.stdout[-500:]

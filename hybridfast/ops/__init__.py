@@ -53,12 +53,42 @@ def cpp_available() -> bool:
     return _cpp() is not None
 
 
+def _import_kernels():
+    """``hybridfast.kernels``: the installed package (``pip install`` maps the repository's
+    ``kernels/`` folder there), or in a checkout that is not installed (``PYTHONPATH=.``, a bare
+    GPU machine) that folder itself, loaded under the same name."""
+    import importlib
+    import importlib.util
+    import sys
+    pkg = __package__.rpartition(".")[0]
+    name = f"{pkg}.kernels"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise                                    # triton itself (or a dependency) is missing
+        here = os.path.dirname(os.path.abspath(__file__))
+        init = os.path.join(os.path.dirname(os.path.dirname(here)), "kernels", "__init__.py")
+        if not os.path.isfile(init):
+            raise
+    spec = importlib.util.spec_from_file_location(name, init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    setattr(sys.modules[pkg], "kernels", mod)
+    return mod
+
+
 def _triton():
     global _triton_mod, _triton_error
     if _triton_mod is None and _triton_error is None:
         try:
-            from .. import kernels
-            _triton_mod = kernels
+            _triton_mod = _import_kernels()
         except Exception as e:  # noqa: BLE001 - any import failure means "unavailable"
             _triton_error = f"triton kernels unavailable ({type(e).__name__}: {e})"
         else:
