@@ -76,7 +76,8 @@ from .report import TRACE_FIELDS, mh_fields, token_fields
 
 __all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "method_params", "make_method",
            "Models", "routed_steered_tokens", "grade_rows", "run_eval", "summarize", "main", "report_main",
-           "METHODS", "FLAG_USERS", "refuse_unused_flags", "refuse_incomplete", "stream_seed", "run_results"]
+           "METHODS", "FLAG_USERS", "refuse_unused_flags", "refuse_incomplete", "refuse_other_grader", "stream_seed",
+           "run_results"]
 
 # the prompts each method builds: "base" (task template) and "power" (boxed-answer template) for the
 # base model, "thinking" (the thinking model's own chat template) for the thinking model
@@ -696,6 +697,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
     with WriterLock(results):
         log = ResultsLog(results)
         refuse_other_configuration(log.rows(), run, results)
+        refuse_other_grader(log.rows(), run, out)
         done = log.done(run.id)
         todo = [p for p in problems if p["id"] not in done]
         if progress:
@@ -714,6 +716,17 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
         summary["latest"] = _entry_label(summary, run)
         atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def refuse_other_grader(rows: list[dict], run: RunIdentity, out) -> None:
+    """A :class:`UserError` when rows of ``run`` saved earlier were graded by another grader
+    than today's (a grader change is not part of the run identity): found before any model
+    loads, not after the new rows are generated."""
+    now = grader_name(run.data["name"])
+    old = sorted({str(r.get("grader")) for r in rows if r.get("run_id") == run.id and r.get("grader") != now})
+    if old:
+        raise UserError(f"run {run.id} in {out} has rows graded by {', '.join(old)}; this version grades with {now}: "
+                        f"run `hybridfast regrade {out}` first, then resume")
 
 
 def refuse_incomplete(problems: list[dict], log: ResultsLog, run: RunIdentity) -> None:

@@ -3,7 +3,7 @@
 Extraction: the last complete, non-empty ``\\boxed{}``, else the last "The answer is ..." that
 states one (GSM8K: a number; an answer cut off at the token limit does not), else the last
 number. GSM8K compares numbers: a boxed answer is read as a number after its TeX dressing
-(``\\$``, ``\\%``, ``{,}``, ``\\text{...}``, ``\\frac{a}{b}``) is removed, and when it is
+(``\\$``, ``\\%``, ``{,}``, ``\\text{...}``, ``\\frac{a}{b}``, ``n\\frac{a}{b}``) is removed, and when it is
 not one number, its last number is taken. MATH compares with ``math-verify`` (``verify(gold,
 pred)``, gold first) in a long-lived worker process (a fresh interpreter: never ``fork`` from a
 threaded torch process), with math-verify's own signal timeouts off and a per-item timeout here
@@ -28,12 +28,15 @@ __all__ = ["GRADER_VERSION", "GradingError", "boxed_answers", "extract_answer", 
            "grader_name", "gsm8k_number", "last_boxed"]
 
 #: bumped whenever extraction or comparison changes what a stored output grades as
-GRADER_VERSION = 2
+GRADER_VERSION = 3
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _ANSWER_IS = re.compile(r"[Tt]he (?:final )?answer is[:\s]*\$?([^\n$]+)")
-#: TeX around a GSM8K number: removed before the number is read
-_TEX_DRESSING = [(re.compile(r"\\text\{[^{}]*\}"), ""), (re.compile(r"\\d?t?frac\{(-?\d+)\}\{(-?\d+)\}"), r"\1/\2"),
+_MIXED = re.compile(r"(-?)(\d+)\s*\\d?t?frac\{(\d+)\}\{(\d+)\}")     # 5\frac{1}{2} = 11/2
+#: TeX around a GSM8K number: removed (or rewritten) before the number is read
+_TEX_DRESSING = [(re.compile(r"\\text\{[^{}]*\}"), ""),
+                 (_MIXED, lambda m: f"{m[1]}{int(m[2]) * int(m[4]) + int(m[3])}/{m[4]}"),
+                 (re.compile(r"\\d?t?frac\{(-?\d+)\}\{(-?\d+)\}"), r"\1/\2"),
                  (re.compile(r"\{,\}"), ","), (re.compile(r"\\[$%,!; ]|[$%]"), "")]
 
 
@@ -160,14 +163,18 @@ def _serve() -> None:
 
 class _Verifier:
     """One math-verify worker process (a fresh interpreter, so neither ``fork`` from a threaded
-    torch process nor ``spawn``'s re-import of the caller's script), restarted after a timeout
-    or a crash."""
+    torch process nor ``spawn``'s re-import of the caller's script). It is restarted after a
+    timeout or a crash (not after an answer it reports it cannot grade); one that fails to start
+    is not tried again in this process."""
     START_TIMEOUT = 120.0
 
     def __init__(self):
         self.proc = None
+        self.broken = None      #: why the worker could not start (then every grade fails at once)
 
     def _start(self) -> None:
+        if self.broken is not None:
+            raise GradingError(self.broken)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen([sys.executable, "-m", "hybridfast.grading", "--serve"], stdin=subprocess.PIPE,
@@ -175,14 +182,16 @@ class _Verifier:
         reply = self._reply(self.START_TIMEOUT)
         if "ready" not in reply:
             self.stop()
-            raise GradingError(f"the math-verify worker did not start: {reply['error']}")
+            self.broken = f"the math-verify worker did not start: {reply['error']}"
+            raise GradingError(self.broken)
 
     def _reply(self, timeout: float) -> dict:
+        """The worker's next reply; ``alive=False`` in it when the worker must be restarted."""
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            return dict(error=f"math-verify timed out after {timeout} s")
+            return dict(error=f"math-verify timed out after {timeout} s", alive=False)
         line = self.proc.stdout.readline()
-        return json.loads(line) if line else dict(error="the math-verify worker died")
+        return json.loads(line) if line else dict(error="the math-verify worker died", alive=False)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -198,11 +207,12 @@ class _Verifier:
             self.proc.stdin.flush()
             reply = self._reply(timeout)
         except (BrokenPipeError, OSError) as e:
-            reply = dict(error=f"the math-verify worker died ({type(e).__name__})")
-        if "ok" not in reply:
+            reply = dict(error=f"the math-verify worker died ({type(e).__name__})", alive=False)
+        if "ok" in reply:
+            return reply["ok"]
+        if not reply.get("alive", True):
             self.stop()
-            raise GradingError(f"{reply['error']} (prediction {pred[:80]!r}, gold {gold!r})")
-        return reply["ok"]
+        raise GradingError(f"{reply['error']} (prediction {pred[:80]!r}, gold {gold!r})")
 
 
 _verifier = _Verifier()

@@ -129,8 +129,6 @@ def summarize(results, run_dir=None):
         _check_graders(key, groups[key], run_dir)
         dataset, split, method, run_id = key
         labels[key] = label = _label(key, per_method)
-        if label in entries:
-            raise ValueError(f"two summary entries would have the label {label!r}: {key} and another")
         entries[label] = dict(dataset=dataset, split=split, method=method, run_id=run_id, **_stats(groups[key]))
     out = dict(methods=entries, duplicates=dropped)
     gaps = _gap_recoveries(groups, labels)

@@ -2,18 +2,19 @@
 
 Each row's answer is extracted anew from its stored ``output`` and graded; the row's ``grader``
 and ``grade_error`` are rewritten with it. ``results.jsonl`` is replaced atomically while the
-folder's writer lock is held (no run can append meanwhile), then ``summary.json``. Use it after
-:data:`hybridfast.grading.GRADER_VERSION` changes: the summary refuses to pool rows graded by
-different graders. Exit status 1 when some answer could not be graded.
+folder's writer lock is held (no run can append meanwhile), then ``summary.json`` (its other keys
+kept). A dataset whose grader is missing (MATH without math-verify) is refused before anything
+is rewritten. Use it after :data:`hybridfast.grading.GRADER_VERSION` changes: the summary refuses
+to pool rows graded by different graders. Exit status 1 when some answer could not be graded.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import ArgumentParser, reported
+from .errors import ArgumentParser, UserError, reported
 from .eval import WriterLock, run_results
-from .grading import grade_fields
+from .grading import GradingError, grade_fields, grader_name
 from .io import atomic_write_text, write_jsonl
 from .metrics import summarize
 
@@ -33,11 +34,18 @@ def regrade_rows(rows: list[dict]) -> tuple[list[dict], int]:
 def regrade(run_dir) -> dict:
     """Regrade ``run_dir/results.jsonl`` in place; returns counts: ``rows``, ``changed``,
     ``grade_errors`` and the ``graders`` used."""
-    results, _ = run_results(run_dir)
+    results, rows = run_results(run_dir)
+    for dataset in sorted({r["dataset"] for r in rows}, key=str):
+        try:
+            grader_name(dataset)           # a missing grader must not turn good grades into errors
+        except GradingError as e:
+            raise UserError(str(e)) from None
     with WriterLock(results):
         new, changed = regrade_rows(run_results(run_dir)[1])     # read again: as of the lock
         write_jsonl(results, new)
-        atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summarize(new), indent=1))
+        summary = Path(run_dir) / "summary.json"
+        kept = json.loads(summary.read_text()) if summary.is_file() else {}   # models, stage times, ...
+        atomic_write_text(summary, json.dumps({**kept, **summarize(new, run_dir=run_dir)}, indent=1))
     return dict(rows=len(new), changed=changed, grade_errors=sum(r["grade_error"] is not None for r in new),
                 graders=sorted({str(r["grader"]) for r in new}))
 

@@ -252,7 +252,9 @@ def test_eval_exits_1_when_answers_of_its_run_could_not_be_graded(tmp_path, caps
     assert json.loads((out / "summary.json").read_text())["methods"]["base"]["grade_errors"] == 1
     rows[0]["grader"] = "an-older-grader/1"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    line = refused(args, capsys)
+    line = refused(args, capsys)                      # resuming: refused before any model loads
+    assert "has rows graded by an-older-grader/1" in line and f"hybridfast regrade {out}` first" in line
+    line = refused([str(out)], capsys, entry=report_main)      # the summary never pools graders
     assert "holds rows graded by different graders (" in line and f"hybridfast regrade {out}`" in line
 
 
@@ -349,3 +351,15 @@ def test_a_limit_past_the_end_of_the_file_is_announced(tmp_path, capsys):
     s = run_eval("base", path=str(f), limit=5, max_new_tokens=2, out=tmp_path / "o", progress=False)
     assert s["methods"]["base"]["n"] == 2
     assert f"--limit 5 from --offset 0 selects 2 problems: {f} has 2" in capsys.readouterr().err
+
+
+def test_resuming_rows_of_an_older_grader_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    from hybridfast.errors import UserError
+    f = _gsm8k_file(tmp_path / "q.jsonl", ["What is 1 + 1?", "What is 2 + 2?"])
+    kw = dict(path=str(f), max_new_tokens=2, out=tmp_path / "o", progress=False)
+    run_eval("base", limit=1, **kw)
+    log = tmp_path / "o" / "results.jsonl"
+    log.write_text(log.read_text().replace('"grader": "gsm8k-numeric/', '"grader": "gsm8k-numeric/old-'))
+    forbid_model_loading(monkeypatch)
+    with pytest.raises(UserError, match=r"graded by gsm8k-numeric/old-\d+; .*hybridfast regrade"):
+        run_eval("base", limit=2, **kw)

@@ -27,6 +27,8 @@ from hybridfast.regrade import regrade
     ("\\boxed{-5}", "-5"),
     ("\\boxed{2 \\times 9 = 18}", "18"),
     ("\\boxed{\\frac{7}{2}}", "7/2"),
+    ("\\boxed{5\\frac{1}{2}}", "11/2"),                  # a mixed number, not 51/2
+    ("\\boxed{-2 \\dfrac{1}{4}}", "-9/4"),
     ("\\boxed{many}", "many"),                           # an answer, not a number: graded wrong
     # the last complete, non-empty boxed answer
     ("so \\boxed{18}. Next problem: put the answer within \\boxed{}.", "18"),
@@ -110,3 +112,21 @@ def test_regrade_command_exits_1_on_grading_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hybridfast.cli", "regrade", str(tmp_path / "nowhere")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "nowhere/results.jsonl: no such file" in r.stderr
+
+
+def test_regrade_keeps_the_summary_and_refuses_a_missing_grader(tmp_path, monkeypatch):
+    from hybridfast.errors import UserError
+    rows = _rows(["\\boxed{3}"], ["3"])
+    (tmp_path / "results.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps(dict(models="smollm2 as both sides", stages_seconds={"a": 1})))
+    regrade(tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["models"] == "smollm2 as both sides" and s["methods"]["base"]["accuracy"] == 1.0
+    math = _rows(["\\boxed{\\frac12}"], ["\\frac{1}{2}"], dataset="math500")
+    assert math[0]["correct"] and math[0]["grader"].startswith("math-verify-")
+    text = json.dumps(math[0]) + "\n"
+    (tmp_path / "results.jsonl").write_text(text)
+    monkeypatch.setitem(sys.modules, "math_verify", None)       # import fails
+    with pytest.raises(UserError, match="needs math-verify"):
+        regrade(tmp_path)
+    assert (tmp_path / "results.jsonl").read_text() == text       # good grades left as they were
