@@ -76,8 +76,8 @@ from .report import TRACE_FIELDS, mh_fields, token_fields
 
 __all__ = ["ResultsLog", "WriterLock", "EvalInterrupted", "read_results", "method_params", "make_method",
            "Models", "routed_steered_tokens", "grade_rows", "run_eval", "summarize", "main", "report_main",
-           "METHODS", "FLAG_USERS", "refuse_unused_flags", "refuse_incomplete", "refuse_other_grader", "stream_seed",
-           "run_results"]
+           "METHODS", "FLAG_USERS", "refuse_unused_flags", "refuse_incomplete", "refuse_other_grader", "require_grader",
+           "stream_seed", "run_results"]
 
 # the prompts each method builds: "base" (task template) and "power" (boxed-answer template) for the
 # base model, "thinking" (the thinking model's own chat template) for the thinking model
@@ -679,10 +679,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
     alpha, n_mcmc = ALPHA if alpha is None else alpha, N_MCMC if n_mcmc is None else n_mcmc
     n_particles = N_PARTICLES if n_particles is None else n_particles
     source, problems = _problems(dataset, split, path, hf, limit, offset)
-    try:
-        grader_name(source.name)               # a dataset whose grader is missing is refused before any model loads
-    except GradingError as e:
-        raise UserError(str(e)) from None
+    grader = require_grader(source.name)      # a dataset whose grader is missing: refused before any model loads
     thinking = ("tiny" if model == "tiny" else thinking) if _uses_thinking(method) else None
     steering = _steering(method, model, thinking, sae_dir, vectors_dir, sae_layer, steer_layer,
                          override_artifact_settings)
@@ -697,7 +694,7 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
     with WriterLock(results):
         log = ResultsLog(results)
         refuse_other_configuration(log.rows(), run, results)
-        refuse_other_grader(log.rows(), run, out)
+        refuse_other_grader(log.rows(), run, grader, out)
         done = log.done(run.id)
         todo = [p for p in problems if p["id"] not in done]
         if progress:
@@ -718,11 +715,19 @@ def run_eval(method: str, *, dataset="gsm8k", split="test", path=None, hf=False,
     return summary
 
 
-def refuse_other_grader(rows: list[dict], run: RunIdentity, out) -> None:
+def require_grader(dataset: str) -> str:
+    """The grader of ``dataset`` (:func:`~hybridfast.grading.grader_name`); a missing one (MATH
+    without math-verify) is a :class:`UserError`."""
+    try:
+        return grader_name(dataset)
+    except GradingError as e:
+        raise UserError(str(e)) from None
+
+
+def refuse_other_grader(rows: list[dict], run: RunIdentity, now: str, out) -> None:
     """A :class:`UserError` when rows of ``run`` saved earlier were graded by another grader
-    than today's (a grader change is not part of the run identity): found before any model
+    than ``now`` (a grader change is not part of the run identity): found before any model
     loads, not after the new rows are generated."""
-    now = grader_name(run.data["name"])
     old = sorted({str(r.get("grader")) for r in rows if r.get("run_id") == run.id and r.get("grader") != now})
     if old:
         raise UserError(f"run {run.id} in {out} has rows graded by {', '.join(old)}; this version grades with {now}: "

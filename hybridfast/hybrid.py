@@ -202,8 +202,8 @@ class HybridModel:
         the unsteered baseline that benchmarks compare against. ``rows=N`` decodes N problems at
         a time with continuous batching (default: one row per problem)."""
         t0 = time.perf_counter()
-        self._check_paper_args(temperature, steer)
-        if self.mode == "paper" and self.windows != (1,):
+        if self.mode == "paper" and self.windows != (1,):     # (stream checks the other paths' arguments)
+            self._check_paper_args(temperature, steer)
             from .baselines import paper_mode_recompute
             pb, pt = self._prompts(base_prompts, thinking_prompts, max_new_tokens)
             return paper_mode_recompute(self, pb, pt, max_new_tokens, eos_token_id=eos_token_id)

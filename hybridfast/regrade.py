@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ArgumentParser, UserError, reported
-from .eval import WriterLock, run_results
-from .grading import GradingError, grade_fields, grader_name
+from .errors import ArgumentParser, reported
+from .eval import WriterLock, require_grader, run_results
+from .grading import grade_fields
 from .io import atomic_write_text, write_jsonl
 from .metrics import summarize
 
@@ -36,10 +36,7 @@ def regrade(run_dir) -> dict:
     ``grade_errors`` and the ``graders`` used."""
     results, rows = run_results(run_dir)
     for dataset in sorted({r["dataset"] for r in rows}, key=str):
-        try:
-            grader_name(dataset)           # a missing grader must not turn good grades into errors
-        except GradingError as e:
-            raise UserError(str(e)) from None
+        require_grader(dataset)            # a missing grader must not turn good grades into errors
     with WriterLock(results):
         new, changed = regrade_rows(run_results(run_dir)[1])     # read again: as of the lock
         write_jsonl(results, new)
